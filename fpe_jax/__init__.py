@@ -1,0 +1,1 @@
+"""fpe_jax: disentangling neural representations in JAX, as pure functions over pytrees."""

@@ -1,0 +1,1 @@
+"""Pallas kernels that skip the zeros of fixed sparse masks (TPU and GPU), with XLA references."""
