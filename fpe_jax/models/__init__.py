@@ -1,0 +1,1 @@
+"""Model forwards as pure functions: Llama (GGUF weights), BERT/MiniLM (safetensors), CNNs."""
