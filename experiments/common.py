@@ -1,0 +1,180 @@
+"""What every experiment binary shares: the run directory, flag errors, progress, JSON.
+
+Run directory (architecture.md): `<workdir>/<experiment>/<run_name>/` holding
+  flags.txt      the resolved flags of this binary, re-usable as a --flagfile;
+  metrics.jsonl  one JSON object per logged step;
+  results.json   the final figures (written last, atomically: its presence means done);
+  plots/*.png;
+  checkpoints/   orbax checkpoints, for resume.
+A finished run (results.json present) is never overwritten silently: the binary refuses
+unless --overwrite. An unfinished one is resumed from its checkpoints when started again
+with the same flags, and refused if the flags differ.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", "runs", "Root folder of run directories.")
+flags.DEFINE_string("run_name", None, "Run directory name (default: the experiment name).")
+flags.DEFINE_bool("overwrite", False, "Replace a finished or mismatching run directory.")
+flags.DEFINE_bool("multihost", False,
+                  "Call jax.distributed.initialize() first (multi-host TPU pods / GPU clusters).")
+
+
+class UsageError(Exception):
+  """A bad flag or argument: reported as one line naming it, exit status 2."""
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run` with flag and usage errors reported on one line and a non-zero exit."""
+
+  def parse(argv):
+    try:
+      return FLAGS(argv)
+    except flags.Error as e:
+      _fail(str(e).splitlines()[0])
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except UsageError as e:
+      _fail(str(e))
+
+  app.run(guarded, flags_parser=parse)
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def validate(flag: str, ok: bool, message: str) -> None:
+  """Raises a one-line UsageError `--flag: message` unless ok (checks across flags)."""
+  if not ok:
+    raise UsageError(f"--{flag}: {message}")
+
+
+def flag_validator(name: str, check: Callable, message: str) -> None:
+  """absl validator that rejects at parse time, before anything is written."""
+  flags.register_validator(name, check, message=f"--{name}: {message}")
+
+
+def maybe_initialize_distributed() -> None:
+  if FLAGS.multihost:
+    import jax
+
+    jax.distributed.initialize()
+
+
+def resolved_flags(module_name: str) -> str:
+  """This binary's own flags and the shared run flags, one `--name=value` per line."""
+  owned = FLAGS.flags_by_module_dict().get(module_name, []) + FLAGS.flags_by_module_dict()[
+      __name__]
+  lines = sorted({f.serialize() for f in owned if f.name != "overwrite"} - {""})
+  return "\n".join(lines) + "\n"
+
+
+class RunDir:
+  """A run directory: create or resume it, log metrics, write results atomically."""
+
+  def __init__(self, experiment: str, module_name: str):
+    self.path = os.path.join(FLAGS.workdir, experiment, FLAGS.run_name or experiment)
+    self.flags_text = resolved_flags(module_name)
+    self.resumed = False
+
+  @property
+  def checkpoints(self) -> str:
+    return os.path.join(self.path, "checkpoints")
+
+  @property
+  def plots(self) -> str:
+    return os.path.join(self.path, "plots")
+
+  def open(self) -> "RunDir":
+    """Creates the directory, or resumes/refuses an existing one (see module doc)."""
+    flags_file = os.path.join(self.path, "flags.txt")
+    if os.path.exists(self.path):
+      finished = os.path.exists(os.path.join(self.path, "results.json"))
+      same_flags = read_text(flags_file) == self.flags_text
+      if FLAGS.overwrite:
+        shutil.rmtree(self.path)
+      elif finished:
+        raise UsageError(f"run {self.path} is finished; pass --overwrite to replace it")
+      elif not same_flags:
+        raise UsageError(
+            f"run {self.path} exists with other flags (see its flags.txt); "
+            "pass --overwrite or another --run_name"
+        )
+      else:
+        self.resumed = True
+    os.makedirs(self.plots, exist_ok=True)
+    write_text(flags_file, self.flags_text)
+    return self
+
+  def log(self, record: dict) -> None:
+    with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+  def drop_logs_after(self, keep: Callable[[dict], bool]) -> None:
+    """On resume: keeps only the metrics lines `keep` accepts (those up to a checkpoint)."""
+    path = os.path.join(self.path, "metrics.jsonl")
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records if keep(r)))
+
+  def write_results(self, results: dict) -> str:
+    path = os.path.join(self.path, "results.json")
+    write_text(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_text(path: str, default: str = "") -> str:
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return f.read()
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes atomically: a temporary file in the same folder, then a rename."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+class Progress:
+  """Prints `label: step i/n (p%), rate steps/s, elapsed, ETA` lines for long loops."""
+
+  def __init__(self, label: str, total: int, start: int = 0, unit: str = "steps"):
+    self.label, self.total, self.start, self.unit = label, total, start, unit
+    self.t0 = time.perf_counter()
+
+  def update(self, done: int, extra: str = "") -> str:
+    elapsed = time.perf_counter() - self.t0
+    rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - done) / rate if rate > 0 else float("nan")
+    line = (f"{self.label}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%), "
+            f"{rate:,.0f} {self.unit}/s, elapsed {_clock(elapsed)}, ETA {_clock(eta)}"
+            + (f"  {extra}" if extra else ""))
+    print(line, flush=True)
+    return line
+
+
+def _clock(seconds: float) -> str:
+  if seconds != seconds:  # NaN: no rate yet
+    return "?"
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,37 @@
+"""Orbax checkpoints of pytrees of arrays, one directory of numbered steps per phase.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a
+process killed mid-save leaves the previous step intact: `latest_step` only ever sees
+finished checkpoints. Saves are made synchronous (`wait_until_finished`) so a step a
+caller has logged as saved is on disk.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+  """The numbered checkpoints of one training phase in `directory`."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 2):
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, tree) -> None:
+    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int, like):
+    """Restores step `step` into the structure, shapes and dtypes of `like`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def close(self) -> None:
+    self._manager.close()
