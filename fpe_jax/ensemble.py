@@ -1,0 +1,474 @@
+"""Ensembles as one vmapped model, and the gradient-diversity training losses.
+
+Member params are stacked on a leading axis ([M, ...] for every leaf) and applied with
+`jax.vmap`, so M members cost one batched call and the member axis can be sharded over a
+mesh axis named `member`. The ensemble's output is the log of the mean of the members'
+softmax (the peers' convention); mean logits is an option.
+
+Losses (papers.md section 3; every loss returns `(scalar, metrics)`):
+
+  g_i(x) = grad_x CE(f_i(x), y)                   input gradient of member i, per example
+  independent: sum_i CE_i
+  NCEn:        sum_i CE_i + lam_dir * mean_{i<j} cos(g_i, g_j)
+                          + lam_mag * mean_{i<j} corr_batch(|g_i|, |g_j|)
+                          + lam_ncl * sum_i (g_i - gbar) . sum_{j!=i} (g_j - gbar)
+  GAL:         mean_i CE_i + lam * log sum_{i<j} exp(cos(g_i, g_j))
+  ADP:         sum_i CE_i - alpha * H(mean_i p_i) - beta * log det(G + det_offset * I),
+               G the Gram matrix of the members' unit-normalised non-true-class probabilities
+  TRS:         sum_i CE_i + scale * (coeff * mean_{i<j} |cos(g_i, g_j)| + lam * 2 * mean ||g||^2)
+
+CE terms are means over the batch; cosines are per example, then averaged over the batch.
+The losses that contain g are differentiated w.r.t. the params through grad_x (double
+backprop): `make_train_step` jits one such step per loss.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Params = Any
+ApplyFn = Callable[[Params, jax.Array], jax.Array]
+LossFn = Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+COMBINES = ("log_mean_prob", "mean_logits")
+LOSSES = ("independent", "ncen", "gal", "adp", "trs")
+# Losses that compare members with each other and so need at least two of them.
+CORRELATION_LOSSES = ("ncen", "gal", "adp", "trs")
+MEMBER_AXIS = "member"
+
+# Norms are computed as sqrt(sum of squares + _SQ_FLOOR) so that their gradient stays
+# finite at 0; cosines divide by max(|a| |b|, _COS_EPS) like torch's cosine_similarity.
+_SQ_FLOOR = 1e-30
+_COS_EPS = 1e-8
+
+
+# --------------------------------------------------------------------------- members
+
+
+def init_members(init_fn: Callable[[jax.Array], Params], key: jax.Array,
+                 num_members: int) -> Params:
+  """Initialises `num_members` members from independent keys, stacked on axis 0."""
+  if num_members < 1:
+    raise ValueError(f"num_members={num_members} must be >= 1")
+  return jax.vmap(init_fn)(jax.random.split(key, num_members))
+
+
+def stack_members(members: Sequence[Params]) -> Params:
+  """Stacks a list of same-structured param trees into one tree with leaves [M, ...]."""
+  if not members:
+    raise ValueError("members must be a non-empty sequence of param trees")
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *members)
+
+
+def unstack_members(stacked: Params) -> list[Params]:
+  """Inverse of `stack_members`."""
+  return [jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i in range(num_members(stacked))]
+
+
+def num_members(stacked: Params) -> int:
+  """M, the leading axis shared by every leaf of a stacked param tree."""
+  sizes = {leaf.shape[0] for leaf in jax.tree.leaves(stacked)}
+  if len(sizes) != 1:
+    raise ValueError(f"stacked params have inconsistent leading (member) axes {sorted(sizes)}")
+  return sizes.pop()
+
+
+def member_logits(apply_fn: ApplyFn, stacked: Params, x: jax.Array) -> jax.Array:
+  """Every member's logits on the same inputs.
+
+  Args:
+    apply_fn: (params, x [B, ...]) -> logits [B, C] of one member.
+    stacked: member params with leaves [M, ...].
+    x: [B, ...] inputs.
+
+  Returns:
+    [M, B, C] logits.
+  """
+  return jax.vmap(apply_fn, in_axes=(0, None))(stacked, x)
+
+
+def combine_logits(logits: jax.Array, combine: str = "log_mean_prob") -> jax.Array:
+  """Ensemble output from member logits.
+
+  Args:
+    logits: [M, B, C] member logits.
+    combine: "log_mean_prob" (log of the mean softmax; a normalised log-probability) or
+      "mean_logits".
+
+  Returns:
+    [B, C] ensemble scores (argmax = ensemble prediction).
+  """
+  if combine == "log_mean_prob":
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(logits.shape[0])
+  if combine == "mean_logits":
+    return jnp.mean(logits, axis=0)
+  raise ValueError(f"combine={combine!r} is not one of {list(COMBINES)}")
+
+
+def ensemble_logits(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
+                    combine: str = "log_mean_prob") -> jax.Array:
+  """[B, C] ensemble output of the stacked members on x [B, ...]."""
+  return combine_logits(member_logits(apply_fn, stacked, x), combine)
+
+
+def member_sharding(stacked: Params, mesh: Mesh, axis: str = MEMBER_AXIS) -> Params:
+  """NamedShardings that split every leaf's member axis over mesh axis `axis`.
+
+  The member count must be divisible by the mesh axis size.
+  """
+  if axis not in mesh.axis_names:
+    raise ValueError(f"mesh has no axis {axis!r}; its axes are {list(mesh.axis_names)}")
+  size = mesh.shape[axis]
+  count = num_members(stacked)
+  if count % size:
+    raise ValueError(f"{count} members cannot be split over mesh axis {axis!r} of size {size}")
+  return jax.tree.map(lambda leaf: NamedSharding(mesh, PartitionSpec(axis)), stacked)
+
+
+def shard_members(stacked: Params, mesh: Mesh, axis: str = MEMBER_AXIS) -> Params:
+  """Places stacked params so that members are split over mesh axis `axis`."""
+  return jax.device_put(stacked, member_sharding(stacked, mesh, axis))
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy: logits [..., B, C], labels [B] -> [..., B]."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=log_probs.dtype)
+  return -jnp.sum(log_probs * one_hot, axis=-1)
+
+
+def input_gradients(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
+                    labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each member's per-example CE and its gradient w.r.t. the input.
+
+  Examples do not interact inside a member (no batch statistics), so the gradient of the
+  batch-summed CE w.r.t. x holds every example's own input gradient.
+
+  Args:
+    apply_fn: one member's (params, x) -> logits.
+    stacked: member params, leaves [M, ...].
+    x: [B, ...] inputs.
+    labels: [B] int labels.
+
+  Returns:
+    ce: [M, B] per-example cross-entropy.
+    logits: [M, B, C].
+    grads: [M, B, ...] input gradients g_i(x).
+  """
+
+  def member(params):
+    def summed_ce(inputs):
+      logits = apply_fn(params, inputs)
+      ce = cross_entropy(logits, labels)
+      return jnp.sum(ce), (ce, logits)
+
+    grads, (ce, logits) = jax.grad(summed_ce, has_aux=True)(x)
+    return ce, logits, grads
+
+  return jax.vmap(member)(stacked)
+
+
+def _flatten_examples(grads: jax.Array) -> jax.Array:
+  """[M, B, ...] -> [M, B, D]."""
+  return grads.reshape(grads.shape[0], grads.shape[1], -1)
+
+
+def _safe_norm(v: jax.Array, axis: int = -1) -> jax.Array:
+  return jnp.sqrt(jnp.sum(v * v, axis=axis) + _SQ_FLOOR)
+
+
+def _pairs(count: int) -> tuple[np.ndarray, np.ndarray]:
+  """Index arrays (i, j) of all pairs i < j among `count` members."""
+  return np.triu_indices(count, k=1)
+
+
+def pairwise_cosine(grads: jax.Array) -> jax.Array:
+  """Per-example cosine between every two members' input gradients.
+
+  Args:
+    grads: [M, B, ...] input gradients.
+
+  Returns:
+    [M, M, B] cosines (symmetric in the first two axes; ones on the diagonal for
+    non-zero gradients).
+  """
+  flat = _flatten_examples(grads)
+  norms = _safe_norm(flat)  # [M, B]
+  dots = jnp.einsum("ibd,jbd->ijb", flat, flat)
+  return dots / jnp.maximum(norms[:, None] * norms[None, :], _COS_EPS)
+
+
+def _upper_pairs(matrix: jax.Array) -> jax.Array:
+  """[M, M, ...] -> [P, ...], the entries with i < j."""
+  i, j = _pairs(matrix.shape[0])
+  return matrix[i, j]
+
+
+def direction_term(grads: jax.Array) -> jax.Array:
+  """NCEn direction term: mean over pairs i<j and over the batch of cos(g_i, g_j)."""
+  return jnp.mean(_upper_pairs(pairwise_cosine(grads)))
+
+
+def gradient_norms(grads: jax.Array) -> jax.Array:
+  """[M, B, ...] -> [M, B] per-example L2 norms of the input gradients."""
+  return _safe_norm(_flatten_examples(grads))
+
+
+def magnitude_term(grads: jax.Array) -> jax.Array:
+  """NCEn magnitude term: mean over pairs i<j of the batch Pearson correlation of |g_i|, |g_j|.
+
+  |g| is the per-example L2 norm of the input gradient; the correlation is taken over the
+  B examples of the batch (B >= 2).
+  """
+  norms = gradient_norms(grads)  # [M, B]
+  centred = norms - jnp.mean(norms, axis=1, keepdims=True)
+  scale = _safe_norm(centred)  # [M]
+  corr = (centred @ centred.T) / jnp.maximum(scale[:, None] * scale[None, :], _COS_EPS)
+  return jnp.mean(_upper_pairs(corr))
+
+
+def liu_yao_term(grads: jax.Array) -> jax.Array:
+  """Liu & Yao's negative-correlation penalty on input gradients, averaged over the batch.
+
+  sum_i (g_i - gbar) . sum_{j != i} (g_j - gbar) per example. Since the deviations sum to
+  zero this equals -sum_i ||g_i - gbar||^2: minimising it spreads the gradients apart.
+  """
+  flat = _flatten_examples(grads)
+  deviations = flat - jnp.mean(flat, axis=0, keepdims=True)  # [M, B, D]
+  others = jnp.sum(deviations, axis=0, keepdims=True) - deviations
+  return jnp.mean(jnp.sum(deviations * others, axis=(0, 2)))
+
+
+def gal_term(grads: jax.Array) -> jax.Array:
+  """GAL coherence: log sum_{i<j} exp(cos(g_i, g_j)) per example, averaged over the batch."""
+  return jnp.mean(jax.nn.logsumexp(_upper_pairs(pairwise_cosine(grads)), axis=0))
+
+
+def trs_cosine_term(grads: jax.Array) -> jax.Array:
+  """TRS alignment: mean over pairs i<j and the batch of |cos(g_i, g_j)|."""
+  return jnp.mean(jnp.abs(_upper_pairs(pairwise_cosine(grads))))
+
+
+def mean_squared_gradient_norm(grads: jax.Array) -> jax.Array:
+  """Mean over members and examples of ||g_i(x)||^2 (TRS's smoothness term, before x2)."""
+  flat = _flatten_examples(grads)
+  return jnp.mean(jnp.sum(flat * flat, axis=-1))
+
+
+def ensemble_entropy(logits: jax.Array, log_offset: float = 1e-20) -> jax.Array:
+  """ADP: mean over the batch of the entropy of the members' mean softmax.
+
+  Args:
+    logits: [M, B, C] member logits.
+    log_offset: added inside the log, as in the ADP code.
+
+  Returns:
+    scalar entropy (nats).
+  """
+  mean_probs = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=0)
+  return jnp.mean(-jnp.sum(mean_probs * jnp.log(mean_probs + log_offset), axis=-1))
+
+
+def adp_log_det(logits: jax.Array, labels: jax.Array, det_offset: float = 1e-6) -> jax.Array:
+  """ADP diversity: mean over the batch of log det(G + det_offset * I).
+
+  G[i, j] = <q_i, q_j>, q_i the unit-normalised probabilities of member i with the true
+  class removed. Orthogonal q's give log det ~ 0; identical ones give
+  log(det_offset^(M-1) * (M + det_offset)).
+
+  Args:
+    logits: [M, B, C] member logits.
+    labels: [B] int labels.
+    det_offset: keeps the Gram matrix invertible.
+
+  Returns:
+    scalar mean log-determinant.
+  """
+  count, _, classes = logits.shape
+  probs = jax.nn.softmax(logits, axis=-1)
+  keep = 1.0 - jax.nn.one_hot(labels, classes, dtype=probs.dtype)  # [B, C]
+  non_true = probs * keep  # the true class contributes 0 to every inner product
+  unit = non_true / _safe_norm(non_true)[..., None]
+  gram = jnp.einsum("ibc,jbc->bij", unit, unit) + det_offset * jnp.eye(count)
+  return jnp.mean(jnp.linalg.slogdet(gram)[1])
+
+
+# --------------------------------------------------------------------------- losses
+
+
+class LossConfig(NamedTuple):
+  """Which training loss and its weights (defaults: papers.md and the peers' code).
+
+  Attributes:
+    name: one of LOSSES.
+    lam_dir: NCEn weight of the direction (cosine) term.
+    lam_mag: NCEn weight of the magnitude-correlation term.
+    lam_ncl: NCEn weight of the Liu-Yao term (unbounded below: it rewards growing gradient
+      spread, so keep it small).
+    gal_lam: GAL weight.
+    adp_alpha: ADP entropy weight.
+    adp_beta: ADP log-det weight.
+    adp_log_offset: ADP's offset inside log of the entropy.
+    adp_det_offset: ADP's ridge on the Gram matrix.
+    trs_coeff: TRS weight of mean |cos|.
+    trs_lam: TRS weight of the smoothness term.
+    trs_scale: TRS overall scale of its regulariser.
+  """
+  name: str = "independent"
+  lam_dir: float = 1.0
+  lam_mag: float = 1.0
+  lam_ncl: float = 0.0
+  gal_lam: float = 0.5
+  adp_alpha: float = 2.0
+  adp_beta: float = 0.5
+  adp_log_offset: float = 1e-20
+  adp_det_offset: float = 1e-6
+  trs_coeff: float = 2.0
+  trs_lam: float = 2.0
+  trs_scale: float = 1.0
+
+
+DEFAULT_LOSS_CONFIG = LossConfig()
+
+
+def validate_loss(config: LossConfig, members: int) -> None:
+  """Raises ValueError naming the bad field: unknown loss, or < 2 members for a pairwise one."""
+  if config.name not in LOSSES:
+    raise ValueError(f"loss={config.name!r} is not one of {list(LOSSES)}")
+  if members < 1:
+    raise ValueError(f"num_members={members} must be >= 1")
+  if config.name in CORRELATION_LOSSES and members < 2:
+    raise ValueError(f"num_members={members}: loss={config.name!r} compares members and needs "
+                     "num_members >= 2")
+
+
+def independent_loss(
+    apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+    config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """sum_i mean_b CE_i: members trained independently (no input gradients needed)."""
+  del config
+  logits = member_logits(apply_fn, stacked, x)
+  ce = jnp.mean(cross_entropy(logits, labels), axis=1)  # [M]
+  loss = jnp.sum(ce)
+  return loss, {"loss": loss, "ce": jnp.mean(ce)}
+
+
+def ncen_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+              config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """NCEn: sum CE + lam_dir * direction + lam_mag * magnitude + lam_ncl * Liu-Yao."""
+  ce, _, grads = input_gradients(apply_fn, stacked, x, labels)
+  ce_sum = jnp.sum(jnp.mean(ce, axis=1))
+  direction = direction_term(grads)
+  magnitude = magnitude_term(grads)
+  liu_yao = liu_yao_term(grads)
+  loss = (ce_sum + config.lam_dir * direction + config.lam_mag * magnitude
+          + config.lam_ncl * liu_yao)
+  return loss, {"loss": loss, "ce": jnp.mean(ce), "cosine": direction,
+                "magnitude_corr": magnitude, "liu_yao": liu_yao,
+                "grad_norm": jnp.mean(gradient_norms(grads))}
+
+
+def gal_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+             config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """GAL: mean_i CE_i + gal_lam * log sum_{i<j} exp(cos(g_i, g_j))."""
+  ce, _, grads = input_gradients(apply_fn, stacked, x, labels)
+  coherence = gal_term(grads)
+  loss = jnp.mean(ce) + config.gal_lam * coherence
+  return loss, {"loss": loss, "ce": jnp.mean(ce), "gal": coherence,
+                "cosine": direction_term(grads), "grad_norm": jnp.mean(gradient_norms(grads))}
+
+
+def adp_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+             config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ADP: sum_i CE_i - adp_alpha * H(mean prob) - adp_beta * log det(Gram)."""
+  logits = member_logits(apply_fn, stacked, x)
+  ce = jnp.mean(cross_entropy(logits, labels), axis=1)
+  entropy = ensemble_entropy(logits, config.adp_log_offset)
+  log_det = adp_log_det(logits, labels, config.adp_det_offset)
+  loss = jnp.sum(ce) - config.adp_alpha * entropy - config.adp_beta * log_det
+  return loss, {"loss": loss, "ce": jnp.mean(ce), "entropy": entropy, "log_det": log_det}
+
+
+def trs_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+             config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """TRS: sum CE + trs_scale * (trs_coeff * mean |cos| + trs_lam * 2 * mean ||g||^2)."""
+  ce, _, grads = input_gradients(apply_fn, stacked, x, labels)
+  abs_cos = trs_cosine_term(grads)
+  smooth = mean_squared_gradient_norm(grads)
+  loss = (jnp.sum(jnp.mean(ce, axis=1))
+          + config.trs_scale * (config.trs_coeff * abs_cos + config.trs_lam * 2.0 * smooth))
+  return loss, {"loss": loss, "ce": jnp.mean(ce), "abs_cosine": abs_cos, "sq_grad_norm": smooth,
+                "cosine": direction_term(grads), "grad_norm": jnp.mean(gradient_norms(grads))}
+
+
+_LOSS_FNS = {"independent": independent_loss, "ncen": ncen_loss, "gal": gal_loss,
+             "adp": adp_loss, "trs": trs_loss}
+
+
+def make_loss(apply_fn: ApplyFn, config: LossConfig, members: int) -> LossFn:
+  """(stacked params, x, labels) -> (loss, metrics) for `config.name`, validated for M."""
+  validate_loss(config, members)
+  return functools.partial(_LOSS_FNS[config.name], apply_fn, config=config)
+
+
+def gradient_statistics(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
+                        labels: jax.Array) -> dict[str, jax.Array]:
+  """Diagnostics reported for every ensemble, whatever it was trained with.
+
+  Returns:
+    mean_pairwise_cosine: mean over pairs i<j and the batch of cos(g_i, g_j) (needs M >= 2,
+      NaN otherwise); mean_grad_norm: mean ||g_i(x)||; magnitude_corr: the NCEn magnitude
+      term (needs M >= 2 and B >= 2).
+  """
+  _, _, grads = input_gradients(apply_fn, stacked, x, labels)
+  if grads.shape[0] < 2:
+    nan = jnp.array(jnp.nan, jnp.float32)
+    return {"mean_pairwise_cosine": nan, "mean_grad_norm": jnp.mean(gradient_norms(grads)),
+            "magnitude_corr": nan}
+  return {"mean_pairwise_cosine": direction_term(grads),
+          "mean_grad_norm": jnp.mean(gradient_norms(grads)),
+          "magnitude_corr": magnitude_term(grads)}
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainState(NamedTuple):
+  """Stacked params, the optimiser state that mirrors them, and the step count."""
+  params: Params
+  opt_state: optax.OptState
+  step: jax.Array
+
+
+def init_train_state(stacked: Params, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(stacked, optimizer.init(stacked), jnp.zeros((), jnp.int32))
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    donate: bool = True) -> Callable[[TrainState, jax.Array, jax.Array],
+                                                     tuple[TrainState, dict[str, jax.Array]]]:
+  """One jitted optimisation step: (state, x [B, ...], labels [B]) -> (state, metrics).
+
+  When the loss contains input gradients, `jax.value_and_grad` w.r.t. the params
+  differentiates through them (double backprop). The state buffers are donated.
+  """
+
+  def step(state: TrainState, x: jax.Array, labels: jax.Array):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, labels)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
