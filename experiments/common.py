@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
@@ -44,6 +44,7 @@ def run(main: Callable[[list[str]], None]) -> None:
       _fail(str(e).splitlines()[0])
 
   def guarded(argv):
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
       main(argv)
     except UsageError as e:
