@@ -1,0 +1,122 @@
+"""Routed sparse-expert matmul: each token times its own expert's block-sparse weight.
+
+Tokens are grouped by expert (each group padded to whole row tiles), every group is
+multiplied by its expert's masked weight in ONE kernel launch whose row tiles carry
+their expert id (the block-sparse kernels' grouped-rows layout), and the results are
+scattered back to token order. An expert with no tokens costs one tile of zero rows;
+an all-zero weight block of any expert is never loaded or multiplied.
+
+The "xla" implementation sorts tokens and calls `jax.lax.ragged_dot` on the masked
+weights (XLA's grouped matmul); `reference.expert_matmul_reference` is the
+independent one-hot check.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.block_sparse.layout import RowLayout, max_routed_tiles, routed_layout
+from kernels_pallas.block_sparse.metadata import BlockSparseMask, fit_block, padded
+from kernels_pallas.block_sparse.ops import (
+    _BACKENDS,
+    DEFAULT_BLOCK_M,
+    KernelConfig,
+    _flat,
+    _Meta,
+    _meta_of,
+    _pad_to,
+    resolve_implementation,
+)
+
+
+def _routed_xla(x, expert_ids, w, dense_masks):
+  order = jnp.argsort(expert_ids, stable=True)
+  sizes = jnp.bincount(expert_ids, length=w.shape[0]).astype(jnp.int32)
+  y_sorted = jax.lax.ragged_dot(x[order], w * dense_masks.astype(w.dtype), sizes)
+  return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+
+
+def _scatter_rows(a: jax.Array, row: jax.Array, num_rows: int, width: int) -> jax.Array:
+  return jnp.zeros((num_rows, width), a.dtype).at[row, :a.shape[1]].set(a)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _routed_matmul(cfg: KernelConfig, bm: int, x, w, meta: _Meta, layout: RowLayout, row):
+  return _routed_matmul_fwd(cfg, bm, x, w, meta, layout, row)[0]
+
+
+def _routed_matmul_fwd(cfg, bm, x, w, meta, layout, row):
+  (_, k), (e, _, n) = x.shape, w.shape
+  bk, bn = meta.block_masks.shape[-2:]
+  kp, np_ = padded(k, bk), padded(n, bn)
+  x_rows = _scatter_rows(x, row, layout.tile_group.shape[0] * bm, kp)
+  w_p = _pad_to(w, (e, kp, np_))
+  y_rows = _BACKENDS[cfg.backend].forward(
+      x_rows, w_p, _flat(meta.col_block_rows), _flat(meta.col_block_slots),
+      _flat(meta.col_block_counts), meta.block_masks, layout, bm=bm, interpret=cfg.interpret)
+  # x itself rides along only for its static shape (the gradient must be cut back to K).
+  return y_rows[row, :n], (x_rows, w, w_p, meta, layout, row, x)
+
+
+def _routed_matmul_bwd(cfg, bm, residuals, dy):
+  x_rows, w, w_p, meta, layout, row, x = residuals
+  (_, k), (e, _, n) = x.shape, w.shape
+  backend = _BACKENDS[cfg.backend]
+  dy_rows = _scatter_rows(dy.astype(x_rows.dtype), row, x_rows.shape[0], w_p.shape[2])
+  dx_rows = backend.input_grad(
+      dy_rows, w_p, _flat(meta.row_block_cols), _flat(meta.row_block_slots),
+      _flat(meta.row_block_counts), meta.block_masks, layout, bm=bm, interpret=cfg.interpret)
+  dw = backend.weight_grad(x_rows, dy_rows, _flat(meta.block_slots), meta.block_masks, layout,
+                           num_groups=e, bm=bm, out_dtype=w_p.dtype, interpret=cfg.interpret)
+  return dx_rows[row, :k], dw[:, :k, :n], None, None, None
+
+
+_routed_matmul.defvjp(_routed_matmul_fwd, _routed_matmul_bwd)
+
+
+def expert_matmul(x: jax.Array, expert_ids: jax.Array, w: jax.Array,
+                  expert_masks: BlockSparseMask, *, implementation: str | None = None,
+                  block_m: int = DEFAULT_BLOCK_M) -> jax.Array:
+  """y[t] = x[t] @ (w[e_t] * mask[e_t]) with each expert's empty blocks skipped.
+
+  Args:
+    x: [T, K] tokens (f32 or bf16).
+    expert_ids: [T] int expert of each token, in [0, E) (ids out of range
+      are clipped into range).
+    w: [E, K, N] expert weights.
+    expert_masks: BlockSparseMask built by `BlockSparseMask.from_masks(masks[E, K, N])`.
+    implementation: one of block_sparse.IMPLEMENTATIONS; None uses the mask's.
+    block_m: row tile cap (shrunk for few tokens).
+
+  Returns:
+    [T, N] in the promoted dtype; differentiable in x and w.
+  """
+  if not isinstance(expert_masks, BlockSparseMask):
+    raise TypeError(f"expert_masks must be a BlockSparseMask, got {type(expert_masks).__name__}")
+  if expert_masks.dense.ndim != 3:
+    raise ValueError("expert_masks must be stacked [E, K, N] (BlockSparseMask.from_masks), got "
+                     f"dense {expert_masks.dense.shape}")
+  e, k, n = expert_masks.dense.shape
+  if w.shape != (e, k, n):
+    raise ValueError(f"w has shape {w.shape}, expected the masks' shape {(e, k, n)}")
+  if x.ndim != 2 or x.shape[1] != k:
+    raise ValueError(f"x has shape {x.shape}, expected [T, {k}]")
+  if expert_ids.shape != x.shape[:1] or not jnp.issubdtype(expert_ids.dtype, jnp.integer):
+    raise ValueError(f"expert_ids must be an int array of shape {x.shape[:1]}, got "
+                     f"{expert_ids.dtype}{list(expert_ids.shape)}")
+  cfg = resolve_implementation(implementation or expert_masks.implementation, block_m)
+  dtype = jnp.result_type(x, w)
+  x, w = x.astype(dtype), w.astype(dtype)
+  expert_ids = jnp.clip(expert_ids.astype(jnp.int32), 0, e - 1)
+  if cfg is None:
+    return _routed_xla(x, expert_ids, w, expert_masks.dense)
+  bm = fit_block(cfg.block_m, x.shape[0])
+  meta = _meta_of(expert_masks)
+  if not cfg.interpret:
+    bk, bn = meta.block_masks.shape[-2:]
+    _BACKENDS[cfg.backend].check_blocks(bm, bk, bn, padded(k, bk), padded(n, bn), dtype)
+  layout, row = routed_layout(expert_ids, e, bm, max_routed_tiles(x.shape[0], e, bm))
+  return _routed_matmul(cfg, bm, x, w, meta, layout, row)
