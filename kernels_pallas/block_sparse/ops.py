@@ -70,7 +70,7 @@ def resolve_implementation(implementation: str, block_m: int = DEFAULT_BLOCK_M
 def _pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   if a.shape == tuple(shape):
     return a
-  return jnp.pad(a, [(0, s - d) for d, s in zip(a.shape, shape)])
+  return jnp.pad(a, [(0, s - d) for d, s in zip(a.shape, shape, strict=True)])
 
 
 class _Meta(NamedTuple):
@@ -167,7 +167,7 @@ def _with_vmap(fn, foldable: int | None):
   are not copied A times.
   """
 
-  @functools.lru_cache(maxsize=None)
+  @functools.cache
   def for_config(cfg: KernelConfig):
     op = jax.custom_batching.custom_vmap(functools.partial(fn, cfg))
 
