@@ -71,6 +71,7 @@ def embed_texts(model: minilm_data.MiniLM, texts: Sequence[str], *, batch_size: 
   order = np.argsort(lengths, kind="stable")
   params = jax.device_put(model.params)
   forward = jax.jit(bert.sentence_embedding, static_argnums=3)
+  total_tokens, tokens_done = int(lengths.sum()), 0
   start = last_log = time.perf_counter()
   for begin in range(0, n, batch_size):
     idx = order[begin:begin + batch_size]
@@ -83,11 +84,14 @@ def embed_texts(model: minilm_data.MiniLM, texts: Sequence[str], *, batch_size: 
     emb = np.asarray(forward(params, ids, mask, model.config))
     out[idx] = emb[:len(idx)]
     done = begin + len(idx)
+    tokens_done += int(lengths[idx].sum())
     now = time.perf_counter()
     if now - last_log >= log_every_s or done == n:
-      rate = done / max(now - start, 1e-9)
-      log(f"[embed] {done}/{n} texts, {rate:.1f} texts/s, "
-          f"elapsed {_format_seconds(now - start)}, left {_format_seconds((n - done) / rate)}")
+      elapsed = max(now - start, 1e-9)
+      # Batches grow longer as the sort goes on: time left is estimated from tokens.
+      left = (total_tokens - tokens_done) / max(tokens_done / elapsed, 1e-9)
+      log(f"[embed] {done}/{n} texts, {done / elapsed:.1f} texts/s, "
+          f"elapsed {_format_seconds(elapsed)}, left {_format_seconds(left)}")
       last_log = now
   return out
 
