@@ -255,8 +255,9 @@ def weight_grad(x_rows, dy_rows, block_slots, block_masks, layout, *, num_groups
 
     @pl.when(slot_of(k, n, i, tg, slots) >= 0)
     def _():
-      acc_ref[...] += jnp.dot(x_ref[...].swapaxes(0, 1), dy_ref[...],
-                              preferred_element_type=jnp.float32)
+      # Transpose in f32 (as megablox's tgmm does): Mosaic relayouts packed bf16 poorly.
+      x_t = x_ref[...].astype(jnp.float32).swapaxes(0, 1).astype(x_ref.dtype)
+      acc_ref[...] += jnp.dot(x_t, dy_ref[...], preferred_element_type=jnp.float32)
 
     @pl.when(last)
     def _():
