@@ -257,3 +257,31 @@ def test_masked_mlp_runs_and_trains_through_the_kernel():
     for leaf in params[name]:
       assert _rel_err(grads[name][leaf], grads_ref[name][leaf]) < 1e-5
   assert nn.count_nonzero(params, kernel) == nn.count_nonzero(params, plain)
+
+
+@pytest.mark.parametrize("platform,backend", [("tpu", "tpu"), ("cuda", "gpu")])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernels_lower_for_tpu_and_gpu(platform, backend, dtype):
+  """Cross-platform lowering on CPU: the Mosaic TPU and Triton GPU kernels (forward,
+  input gradient, weight gradient) pass Pallas' lowering at hardware block sizes.
+
+  This is as far as CPU can go: the final Mosaic / Triton compilation and the run
+  itself need the hardware.
+  """
+  from kernels_pallas.block_sparse import ops
+
+  cfg = ops.KernelConfig(backend=backend, interpret=False, block_m=128)
+  mask = np.kron(np.random.default_rng(6).random((4, 3)) < 0.5, np.ones((128, 128), bool))
+  mask[:, :5] = 0  # partly filled blocks: the packed element masks are used too
+  meta = jax.tree.map(lambda a: a[None], ops._meta_of(
+      BlockSparseMask.from_mask(mask, block_shape=(128, 128))))
+
+  def loss(x, w):
+    return jnp.sum(ops._stacked_matmul(cfg, x, w, meta).astype(jnp.float32) ** 2)
+
+  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(
+      jnp.ones((1, 256, 512), dtype), jnp.ones((1, 512, 384), dtype)).lower(
+          lowering_platforms=(platform,))
+  text = lowered.as_text()
+  marker = "tpu_custom_call" if backend == "tpu" else "xla.gpu.triton"
+  assert text.count(marker) == 3
