@@ -192,9 +192,10 @@ def split_neurons(
 
   params, masks = dict(params), dict(masks)
   params[inc] = {"w": jnp.asarray(new_w_in), "b": jnp.asarray(new_b * new_mb)}
-  masks[inc] = {"w": jnp.asarray(new_m_in, jnp.float32), "b": jnp.asarray(new_mb, jnp.float32)}
+  masks[inc] = {"w": jnp.asarray(new_m_in.astype(np.float32)),
+                "b": jnp.asarray(new_mb.astype(np.float32))}
   params[out] = {"w": jnp.asarray(new_w_out * new_m_out), "b": params[out]["b"]}
-  masks[out] = {"w": jnp.asarray(new_m_out, jnp.float32), "b": masks[out]["b"]}
+  masks[out] = {"w": jnp.asarray(new_m_out.astype(np.float32)), "b": masks[out]["b"]}
   return params, masks
 
 
@@ -221,8 +222,8 @@ def restore_budget(
     shape = params[name]["w"].shape
     m = flat_m[offset:offset + int(np.prod(shape))].reshape(shape)
     offset += m.size
-    masks[name] = {**masks[name], "w": jnp.asarray(m, jnp.float32)}
-    params[name] = {**params[name], "w": params[name]["w"] * m}
+    masks[name] = {**masks[name], "w": jnp.asarray(m.astype(np.float32))}
+    params[name] = {**params[name], "w": jnp.asarray(np.asarray(params[name]["w"]) * m)}
   return params, masks
 
 
