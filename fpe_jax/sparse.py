@@ -80,19 +80,20 @@ def _check_w(w) -> None:
 # Exact selection helpers (jit-able; counts are static).
 
 
-def _keep_mask_lowest_flat(scores: jax.Array, num_prune: int) -> jax.Array:
+# Pruning counts are computed on the host (exact integer floors) and passed as traced int32,
+# so a sweep over sparsities reuses one compilation.
+
+
+def _keep_mask_lowest_flat(scores: jax.Array, num_prune: jax.Array) -> jax.Array:
   """0/1 mask over all of `scores` pruning exactly `num_prune` lowest (ties by position)."""
-  if num_prune == 0:
-    return jnp.ones(scores.shape, jnp.float32)
   order = jnp.argsort(scores.reshape(-1), stable=True)
-  keep = jnp.ones(scores.size, jnp.float32).at[order[:num_prune]].set(0.0)
+  keep_by_rank = (jnp.arange(scores.size) >= num_prune).astype(jnp.float32)
+  keep = jnp.zeros(scores.size, jnp.float32).at[order].set(keep_by_rank)
   return keep.reshape(scores.shape)
 
 
-def _keep_mask_lowest_rows(scores: jax.Array, num_prune: int) -> jax.Array:
+def _keep_mask_lowest_rows(scores: jax.Array, num_prune) -> jax.Array:
   """0/1 mask pruning exactly `num_prune` lowest entries of each row of `scores: [r, c]`."""
-  if num_prune == 0:
-    return jnp.ones(scores.shape, jnp.float32)
   ranks = jnp.argsort(jnp.argsort(scores, axis=-1, stable=True), axis=-1, stable=True)
   return (ranks >= num_prune).astype(jnp.float32)
 
@@ -108,11 +109,11 @@ def _keep_mask_n_m(scores: jax.Array, n: int, m: int) -> jax.Array:
 # Magnitude and Wanda.
 
 
-@functools.partial(jax.jit, static_argnames=("sparsity", "n_m"))
-def _magnitude(w, *, sparsity, n_m):
+@functools.partial(jax.jit, static_argnames=("n_m",))
+def _magnitude(w, num_prune, *, n_m):
   scores = jnp.abs(w).T  # [d_out, d_in]: n:m groups run along the inputs of each output.
   if n_m is None:
-    keep = _keep_mask_lowest_flat(scores, math.floor(sparsity * w.size))
+    keep = _keep_mask_lowest_flat(scores, num_prune)
   else:
     keep = _keep_mask_n_m(scores, *n_m)
   mask = keep.T
@@ -134,14 +135,15 @@ def magnitude(w: jax.Array, *, sparsity: float = 0.0, n_m=None) -> tuple[jax.Arr
   _check_w(w)
   sparsity = _check_sparsity(sparsity)
   n_m = _check_n_m(n_m, w.shape[0])
-  return _magnitude(jnp.asarray(w), sparsity=sparsity, n_m=n_m)
+  num_prune = jnp.int32(math.floor(sparsity * w.size))
+  return _magnitude(jnp.asarray(w), num_prune, n_m=n_m)
 
 
-@functools.partial(jax.jit, static_argnames=("sparsity", "n_m"))
-def _wanda(w, x_norm, *, sparsity, n_m):
+@functools.partial(jax.jit, static_argnames=("n_m",))
+def _wanda(w, x_norm, num_prune, *, n_m):
   scores = (jnp.abs(w) * x_norm[:, None]).T  # [d_out, d_in]
   if n_m is None:
-    keep = _keep_mask_lowest_rows(scores, math.floor(sparsity * w.shape[0]))
+    keep = _keep_mask_lowest_rows(scores, num_prune)
   else:
     keep = _keep_mask_n_m(scores, *n_m)
   mask = keep.T
@@ -169,7 +171,8 @@ def wanda(
   n_m = _check_n_m(n_m, w.shape[0])
   if jnp.shape(x_norm) != (w.shape[0],):
     raise ValueError(f"x_norm must have shape [d_in]={(w.shape[0],)}, got {jnp.shape(x_norm)}")
-  return _wanda(jnp.asarray(w), jnp.asarray(x_norm, w.dtype), sparsity=sparsity, n_m=n_m)
+  num_prune = jnp.int32(math.floor(sparsity * w.shape[0]))
+  return _wanda(jnp.asarray(w), jnp.asarray(x_norm, w.dtype), num_prune, n_m=n_m)
 
 
 # --------------------------------------------------------------------------------------
@@ -315,13 +318,17 @@ class SparseGPTResult(NamedTuple):
 
 
 def _upper_cholesky_of_inverse(h: jax.Array, damp_abs: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """U with (h + damp I)^-1 = U^T U (U upper), and whether it is a valid factor."""
+  """U with (h + damp I)^-1 = U^T U (U upper), and whether it is a valid factor.
+
+  One Cholesky instead of the paper's three steps (factor, invert, factor again): with J
+  the reversal permutation, chol(J h J) = J V J gives h = V V^T with V upper, so
+  h^-1 = V^-T V^-1 and U = V^-1.
+  """
   d = h.shape[0]
   eye = jnp.eye(d, dtype=h.dtype)
-  lower = jnp.linalg.cholesky(h + damp_abs * eye)
-  hinv = jax.scipy.linalg.cho_solve((lower, True), eye)
-  hinv = 0.5 * (hinv + hinv.T)
-  upper = jnp.linalg.cholesky(hinv).T
+  lower_rev = jnp.linalg.cholesky((h + damp_abs * eye)[::-1, ::-1])
+  upper_v = lower_rev[::-1, ::-1]
+  upper = jax.scipy.linalg.solve_triangular(upper_v, eye, lower=False)
   ok = jnp.all(jnp.isfinite(upper)) & jnp.all(jnp.diagonal(upper) > 0)
   return upper, ok
 
@@ -338,8 +345,6 @@ def _damped_inverse_factor(h, damp, damp_growth, max_tries):
     retry = jnp.maximum(damp, _MIN_RETRY_DAMP) * damp_growth ** i.astype(h.dtype)
     return jnp.where(i == 0, jnp.asarray(damp, h.dtype), retry)
 
-  upper0, ok0 = _upper_cholesky_of_inverse(h, damp_at(jnp.int32(0)) * mean_diag)
-
   def cond(state):
     i, _, ok = state
     return (~ok) & (i < max_tries - 1)
@@ -349,16 +354,19 @@ def _damped_inverse_factor(h, damp, damp_growth, max_tries):
     upper, ok = _upper_cholesky_of_inverse(h, damp_at(i + 1) * mean_diag)
     return i + 1, upper, ok
 
-  i, upper, ok = jax.lax.while_loop(cond, body, (jnp.int32(0), upper0, ok0))
+  init = (jnp.int32(-1), jnp.zeros_like(h), jnp.asarray(False))
+  i, upper, ok = jax.lax.while_loop(cond, body, init)
   return upper, damp_at(i), ok
 
 
-def _prune_block(w1, u1, *, sparsity, n_m):
+def _prune_block(w1, u1, num_prune, *, n_m):
   """Column-by-column OBS updates inside one block (paper layout).
 
   Args:
     w1: [rows, width] the block's weights after the lazy updates of earlier blocks.
     u1: [width, width] the block's diagonal part of U (upper triangular).
+    num_prune: [] int, weights to prune in the block (unstructured only).
+    n_m: static (n, m) or None.
 
   Returns:
     (w1, mask1, err1): w1 with every column updated (pruned entries not yet zeroed),
@@ -367,7 +375,7 @@ def _prune_block(w1, u1, *, sparsity, n_m):
   rows, width = w1.shape
   diag = jnp.diagonal(u1)
   if n_m is None:
-    mask1 = _keep_mask_lowest_flat(w1**2 / diag[None, :] ** 2, math.floor(sparsity * rows * width))
+    mask1 = _keep_mask_lowest_flat(w1**2 / diag[None, :] ** 2, num_prune)
   else:
     mask1 = jnp.ones_like(w1)
   n, m = n_m if n_m is not None else (0, 1)
@@ -391,10 +399,9 @@ def _prune_block(w1, u1, *, sparsity, n_m):
   return w1, mask1, err1
 
 
-@functools.partial(
-    jax.jit, static_argnames=("sparsity", "n_m", "block_size", "damp_growth", "max_tries")
-)
-def _sparsegpt(w, h, damp, *, sparsity, n_m, block_size, damp_growth, max_tries):
+@functools.partial(jax.jit, static_argnames=("n_m", "block_size"))
+def _sparsegpt(w, h, damp, damp_growth, max_tries, num_prune, *, n_m, block_size):
+  """num_prune: [2] int32, weights pruned in a full block and in the narrower last one."""
   d_in, d_out = w.shape
   w = w.astype(jnp.float32)
   h = h.astype(jnp.float32)
@@ -403,7 +410,7 @@ def _sparsegpt(w, h, damp, *, sparsity, n_m, block_size, damp_growth, max_tries)
   weights = jnp.where(dead[None, :], 0.0, w.T)  # paper layout [rows = d_out, cols = d_in]
   upper, damp_used, ok = _damped_inverse_factor(h, damp, damp_growth, max_tries)
 
-  prune = functools.partial(_prune_block, sparsity=sparsity, n_m=n_m)
+  prune = functools.partial(_prune_block, n_m=n_m)
   width = min(block_size, d_in)
   num_full, tail = divmod(d_in, width)
   col_ids = jnp.arange(d_in)
@@ -413,7 +420,7 @@ def _sparsegpt(w, h, damp, *, sparsity, n_m, block_size, damp_growth, max_tries)
     i1 = b * width
     w1 = jax.lax.dynamic_slice(weights, (0, i1), (d_out, width))
     u1 = jax.lax.dynamic_slice(upper, (i1, i1), (width, width))
-    w1, mask1, err1 = prune(w1, u1)
+    w1, mask1, err1 = prune(w1, u1, num_prune[0])
     weights = jax.lax.dynamic_update_slice(weights, w1 * mask1, (0, i1))
     mask = jax.lax.dynamic_update_slice(mask, mask1, (0, i1))
     # Lazy update of all later columns at once; the block's own columns and earlier ones
@@ -426,7 +433,7 @@ def _sparsegpt(w, h, damp, *, sparsity, n_m, block_size, damp_growth, max_tries)
   (weights, mask), _ = jax.lax.scan(full_block, (weights, mask), jnp.arange(num_full))
   if tail:
     i1 = num_full * width
-    w1, mask1, _ = prune(weights[:, i1:], upper[i1:, i1:])
+    w1, mask1, _ = prune(weights[:, i1:], upper[i1:, i1:], num_prune[1])
     weights = weights.at[:, i1:].set(w1 * mask1)
     mask = mask.at[:, i1:].set(mask1)
   weights = jnp.where(dead[None, :], 0.0, weights)
@@ -465,15 +472,18 @@ def sparsegpt_with_info(
     raise ValueError(f"damp_growth must be > 1, got {damp_growth!r}")
   if not (isinstance(max_damp_tries, int) and max_damp_tries >= 1):
     raise ValueError(f"max_damp_tries must be an int >= 1, got {max_damp_tries!r}")
+  d_out = w.shape[1]
+  width = min(block_size, d_in)
+  num_prune = [math.floor(sparsity * d_out * width), math.floor(sparsity * d_out * (d_in % width))]
   return _sparsegpt(
       jnp.asarray(w),
       jnp.asarray(h),
       jnp.float32(damp),
-      sparsity=sparsity,
+      jnp.float32(damp_growth),
+      jnp.int32(max_damp_tries),
+      jnp.asarray(num_prune, jnp.int32),
       n_m=n_m,
       block_size=block_size,
-      damp_growth=float(damp_growth),
-      max_tries=max_damp_tries,
   )
 
 

@@ -5,7 +5,6 @@ import pathlib
 
 import gguf
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -105,46 +104,45 @@ def smollm2_ffn():
   return dict(gate=gate, down=down, x=x, inter=inter.astype(np.float32))
 
 
-@pytest.mark.parametrize(
-    "d_in,d_out,kw",
-    [
-        (96, 40, dict(sparsity=0.5, block_size=32)),
-        (100, 24, dict(sparsity=0.7, block_size=32)),  # ragged last block
-        (64, 48, dict(n_m=(2, 4), block_size=16)),
-        (64, 8, dict(n_m=(5, 8), block_size=64)),
-    ],
-)
-def test_sparsegpt_matches_numpy_on_random_hessian(d_in, d_out, kw):
-  rng = np.random.default_rng(d_in + d_out)
-  x = correlated_inputs(rng, 512, d_in)
-  w = rng.normal(size=(d_in, d_out)).astype(np.float32)
+# Random-weight tests share one shape (ragged last block: 100 = 3 * 32 + 4) so that they
+# share compilations.
+D_IN, D_OUT, BLOCK = 100, 24, 32
+
+
+@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(sparsity=0.7), dict(n_m=(2, 4))])
+def test_sparsegpt_matches_numpy_on_random_hessian(kw):
+  rng = np.random.default_rng(0)
+  x = correlated_inputs(rng, 512, D_IN)
+  w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
   h = x.T.astype(np.float64) @ x / len(x)
-  ref_w, ref_mask = numpy_sparsegpt(w, h, **kw)
-  got_w, got_mask = sparse.sparsegpt(w, h.astype(np.float32), **kw)
+  ref_w, ref_mask = numpy_sparsegpt(w, h, block_size=BLOCK, **kw)
+  got_w, got_mask = sparse.sparsegpt(w, h.astype(np.float32), block_size=BLOCK, **kw)
   # Masks are chosen from scores that float32 can reorder near ties: compare patterns
-  # up to a tiny fraction, and weights where the patterns agree.
+  # up to a tiny fraction, and weights for the outputs whose patterns agree.
   agree = np.asarray(got_mask) == ref_mask
   assert agree.mean() > 0.99
-  cols = agree.all(1)
-  np.testing.assert_allclose(np.asarray(got_w)[cols], ref_w[cols], rtol=2e-3, atol=2e-3)
+  cols = agree.all(0)
+  assert cols.mean() > 0.8
+  np.testing.assert_allclose(np.asarray(got_w)[:, cols], ref_w[:, cols], rtol=2e-3, atol=2e-3)
 
 
 def test_sparsegpt_matches_numpy_on_real_activation_hessian(smollm2_ffn):
-  x, w = smollm2_ffn["x"], smollm2_ffn["gate"][:, :64]
+  x, w = smollm2_ffn["x"], smollm2_ffn["gate"][:, :128]
   h = x.T.astype(np.float64) @ x / len(x)
   ref_w, ref_mask = numpy_sparsegpt(w, h, sparsity=0.5)
   got_w, got_mask = sparse.sparsegpt(w, h.astype(np.float32), sparsity=0.5)
   agree = np.asarray(got_mask) == ref_mask
   assert agree.mean() > 0.99
-  cols = agree.all(1)
-  np.testing.assert_allclose(np.asarray(got_w)[cols], ref_w[cols], rtol=5e-3, atol=5e-3)
+  cols = agree.all(0)
+  assert cols.mean() > 0.5
+  np.testing.assert_allclose(np.asarray(got_w)[:, cols], ref_w[:, cols], rtol=5e-3, atol=5e-3)
   # Same layer error as the float64 reference, to within float32 noise.
   assert recon_error(x, w, np.asarray(got_w)) == pytest.approx(recon_error(x, w, ref_w), rel=2e-2)
 
 
 @pytest.mark.parametrize("which,sparsity", [("gate", 0.5), ("down", 0.7)])
 def test_sparsegpt_beats_wanda_and_magnitude_on_real_ffn(smollm2_ffn, which, sparsity):
-  w = smollm2_ffn[which][:, :256]
+  w = smollm2_ffn[which][:, :128]
   x = smollm2_ffn["x" if which == "gate" else "inter"]
   h = sparse.hessian_from_inputs(x)
   errs = {
@@ -173,100 +171,102 @@ def test_sparsegpt_2_4_beats_wanda_2_4_and_masks_are_exact(smollm2_ffn):
   assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"], errs
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.8])
-def test_exact_sparsity_per_method_definition(sparsity):
+def test_exact_sparsity_per_method_definition():
   rng = np.random.default_rng(1)
-  d_in, d_out, block = 100, 30, 32
-  w = rng.normal(size=(d_in, d_out)).astype(np.float32)
-  x = correlated_inputs(rng, 256, d_in)
-  _, mask = sparse.sparsegpt(w, sparse.hessian_from_inputs(x), sparsity=sparsity, block_size=block)
-  mask = np.asarray(mask)
-  for i1 in range(0, d_in, block):
-    width = min(block, d_in - i1)
-    assert (mask[i1 : i1 + block] == 0).sum() == np.floor(sparsity * width * d_out)
-  _, mask = sparse.wanda(w, np.linalg.norm(x, axis=0), sparsity=sparsity)
-  assert ((np.asarray(mask) == 0).sum(0) == np.floor(sparsity * d_in)).all()
-  w_pruned, mask = sparse.magnitude(w, sparsity=sparsity)
-  assert (np.asarray(mask) == 0).sum() == np.floor(sparsity * w.size)
-  # Magnitude keeps exactly the largest |w|.
-  kept = np.abs(w)[np.asarray(mask) == 1]
-  dropped = np.abs(w)[np.asarray(mask) == 0]
-  assert dropped.size == 0 or dropped.max() <= kept.min()
-  assert np.array_equal(np.asarray(w_pruned), w * np.asarray(mask))
+  w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
+  x = correlated_inputs(rng, 256, D_IN)
+  h = sparse.hessian_from_inputs(x)
+  for sparsity in (0.0, 0.3, 0.5, 0.8):
+    _, mask = sparse.sparsegpt(w, h, sparsity=sparsity, block_size=BLOCK)
+    mask = np.asarray(mask)
+    for i1 in range(0, D_IN, BLOCK):
+      width = min(BLOCK, D_IN - i1)
+      assert (mask[i1 : i1 + BLOCK] == 0).sum() == np.floor(sparsity * width * D_OUT)
+    _, mask = sparse.wanda(w, np.linalg.norm(x, axis=0), sparsity=sparsity)
+    assert ((np.asarray(mask) == 0).sum(0) == np.floor(sparsity * D_IN)).all()
+    w_pruned, mask = sparse.magnitude(w, sparsity=sparsity)
+    assert (np.asarray(mask) == 0).sum() == np.floor(sparsity * w.size)
+    # Magnitude keeps exactly the largest |w|.
+    kept = np.abs(w)[np.asarray(mask) == 1]
+    dropped = np.abs(w)[np.asarray(mask) == 0]
+    assert dropped.size == 0 or dropped.max() <= kept.min()
+    assert np.array_equal(np.asarray(w_pruned), w * np.asarray(mask))
 
 
 def test_ties_still_give_exact_sparsity():
-  w = np.ones((16, 8), np.float32)
+  w = np.ones((D_IN, D_OUT), np.float32)
   _, mask = sparse.magnitude(w, sparsity=0.5)
-  assert np.asarray(mask).sum() == 64
-  _, mask = sparse.wanda(w, np.ones(16, np.float32), sparsity=0.25)
-  assert (np.asarray(mask).sum(0) == 12).all()
-  _, mask = sparse.sparsegpt(w, np.eye(16, dtype=np.float32), sparsity=0.5, block_size=8)
-  assert np.asarray(mask).sum() == 64
+  assert np.asarray(mask).sum() == w.size // 2
+  _, mask = sparse.wanda(w, np.ones(D_IN, np.float32), sparsity=0.25)
+  assert (np.asarray(mask).sum(0) == D_IN - 25).all()
+  _, mask = sparse.sparsegpt(w, np.eye(D_IN, dtype=np.float32), sparsity=0.5, block_size=BLOCK)
+  assert np.asarray(mask).sum() == w.size // 2
 
 
 def test_wanda_matches_numpy_definition():
   rng = np.random.default_rng(2)
-  w = rng.normal(size=(40, 12)).astype(np.float32)
-  x_norm = rng.uniform(0.1, 3.0, size=40).astype(np.float32)
+  w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
+  x_norm = rng.uniform(0.1, 3.0, size=D_IN).astype(np.float32)
   _, mask = sparse.wanda(w, x_norm, sparsity=0.4)
   score = np.abs(w) * x_norm[:, None]
-  for j in range(12):
-    keep = np.argsort(-score[:, j])[: 40 - 16]
+  for j in range(D_OUT):
+    keep = np.argsort(-score[:, j])[: D_IN - 40]
     assert set(np.flatnonzero(np.asarray(mask)[:, j])) == set(keep)
 
 
 def test_dead_inputs_are_zeroed_and_rest_still_pruned():
   rng = np.random.default_rng(3)
-  d_in, d_out = 64, 16
-  x = correlated_inputs(rng, 256, d_in)
-  dead = [3, 17, 40]
+  x = correlated_inputs(rng, 256, D_IN)
+  dead = [3, 17, 40, 98]
   x[:, dead] = 0.0
-  w = rng.normal(size=(d_in, d_out)).astype(np.float32)
+  w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
   h = sparse.hessian_from_inputs(x)
   assert (np.diag(np.asarray(h))[dead] == 0).all()
-  w_pruned, mask = sparse.sparsegpt(w, h, sparsity=0.5, block_size=32)
+  w_pruned, mask = sparse.sparsegpt(w, h, sparsity=0.5, block_size=BLOCK)
   w_pruned = np.asarray(w_pruned)
   assert np.isfinite(w_pruned).all()
   assert (w_pruned[dead] == 0).all()
-  assert (np.asarray(mask) == 0).sum() == d_in * d_out // 2
-  ref_w, _ = numpy_sparsegpt(w, np.asarray(h, np.float64), sparsity=0.5, block_size=32)
+  assert (np.asarray(mask) == 0).sum() == D_IN * D_OUT // 2
+  ref_w, _ = numpy_sparsegpt(w, np.asarray(h, np.float64), sparsity=0.5, block_size=BLOCK)
   np.testing.assert_allclose(w_pruned, ref_w, rtol=2e-3, atol=2e-3)
 
 
 def test_damping_is_retried_upward_until_cholesky_succeeds():
   rng = np.random.default_rng(4)
-  d = 32
-  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-  eig = np.linspace(1.0, 2.0, d)
+  q, _ = np.linalg.qr(rng.normal(size=(D_IN, D_IN)))
+  eig = np.linspace(1.0, 2.0, D_IN)
   eig[0] = -0.05 * eig.mean()  # indefinite: damp 0.01 * mean diag cannot fix it, 0.1 can
   h = (q * eig) @ q.T
-  w = rng.normal(size=(d, 8)).astype(np.float32)
-  res = sparse.sparsegpt_with_info(w, h.astype(np.float32), sparsity=0.5, block_size=16)
+  w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
+  res = sparse.sparsegpt_with_info(w, h.astype(np.float32), sparsity=0.5, block_size=BLOCK)
   assert bool(res.ok)
   assert float(res.damp) == pytest.approx(0.1)
   assert np.isfinite(np.asarray(res.w)).all()
-  ref_w, _ = numpy_sparsegpt(w, h, sparsity=0.5, block_size=16, damp=0.1)
+  ref_w, _ = numpy_sparsegpt(w, h, sparsity=0.5, block_size=BLOCK, damp=0.1)
   np.testing.assert_allclose(np.asarray(res.w), ref_w, rtol=2e-3, atol=2e-3)
   # A single try at damp 0.01 is not enough, and eagerly that is an error.
-  res = sparse.sparsegpt_with_info(w, h.astype(np.float32), sparsity=0.5, max_damp_tries=1)
+  res = sparse.sparsegpt_with_info(
+      w, h.astype(np.float32), sparsity=0.5, block_size=BLOCK, max_damp_tries=1
+  )
   assert not bool(res.ok)
   with pytest.raises(ValueError, match="h: Cholesky"):
-    sparse.sparsegpt(w, h.astype(np.float32), sparsity=0.5, max_damp_tries=1)
+    sparse.sparsegpt(w, h.astype(np.float32), sparsity=0.5, block_size=BLOCK, max_damp_tries=1)
 
 
-def test_singular_cluster_hessian_and_vmap_over_experts():
+def test_singular_cluster_hessians_under_jit_and_vmap_over_experts():
   # Two "experts" with fewer tokens than inputs (singular H), vmapped like the expert build.
   rng = np.random.default_rng(5)
-  d_in, d_out = 48, 12
-  w = rng.normal(size=(d_in, d_out)).astype(np.float32)
-  x = correlated_inputs(rng, 40, d_in)
+  w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
+  x = correlated_inputs(rng, 40, D_IN)
   hs = sparse.hessian_from_inputs(x, np.arange(40) % 2, num_groups=2)
-  fn = jax.jit(jax.vmap(lambda h: sparse.sparsegpt_with_info(w, h, sparsity=0.5, block_size=16)))
+  fn = jax.jit(
+      jax.vmap(lambda h: sparse.sparsegpt_with_info(w, h, sparsity=0.5, block_size=BLOCK))
+  )
   res = fn(hs)
   assert np.asarray(res.ok).all()
   for k in range(2):
-    w_k, mask_k = sparse.sparsegpt(w, hs[k], sparsity=0.5, block_size=16)
+    w_k, mask_k = sparse.sparsegpt(w, hs[k], sparsity=0.5, block_size=BLOCK)
+    assert np.isfinite(np.asarray(w_k)).all()
     np.testing.assert_allclose(np.asarray(res.w[k]), np.asarray(w_k), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(res.mask[k]), np.asarray(mask_k))
 
@@ -313,13 +313,3 @@ def test_bad_arguments_raise_one_line_errors(call, match):
   with pytest.raises(ValueError, match=match) as info:
     call(w, h)
   assert "\n" not in str(info.value)
-
-
-def test_sparsegpt_is_jittable_with_static_arguments():
-  rng = np.random.default_rng(7)
-  w = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
-  h = sparse.hessian_from_inputs(correlated_inputs(rng, 64, 32))
-  jitted = jax.jit(lambda w, h: sparse.sparsegpt(w, h, sparsity=0.5, block_size=16))
-  a, _ = jitted(w, h)
-  b, _ = sparse.sparsegpt(w, h, sparsity=0.5, block_size=16)
-  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
