@@ -46,9 +46,10 @@ flags.DEFINE_integer("test_size", 4096, "Fresh test examples per run.")
 flags.DEFINE_integer("batch_size", 64, "Minibatch size.")
 flags.DEFINE_enum("optimizer", "adam", train.OPTIMIZERS, "Optimiser.")
 flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
-flags.DEFINE_integer("warmup_steps", 1000, "Dense steps before the expansion.")
+flags.DEFINE_integer("warmup_steps", 200, "Dense steps before the expansion (split early).")
 flags.DEFINE_integer("steps", 20000, "Steps after the expansion (the dense baseline too).")
-flags.DEFINE_integer("chunk_steps", 1000, "Steps per jitted call: the log and checkpoint period.")
+flags.DEFINE_integer("chunk_steps", 1000,
+                     "Steps per jitted call: the log and checkpoint period.")
 flags.DEFINE_enum("bias", "copy", fpe.BIAS_MODES, "Child biases.")
 flags.DEFINE_enum("budget", "global", fpe.BUDGET_MODES, "Budget-restoring prune.")
 flags.DEFINE_enum("matmul", "xla", ("xla", "pallas"),
@@ -85,10 +86,13 @@ flags.register_multi_flags_validator(
 flags.register_multi_flags_validator(
     ["splits", "layer"], lambda f: "clause" not in f["splits"] or f["layer"] == 0,
     message="--splits: 'clause' splits variables, so it needs --layer=0")
-for _steps in ("warmup_steps", "steps"):
-  flags.register_multi_flags_validator(
-      [_steps, "chunk_steps"], lambda f, s=_steps: f[s] % f["chunk_steps"] == 0,
-      message=f"--{_steps}: must be a multiple of --chunk_steps")
+flags.register_multi_flags_validator(
+    ["steps", "chunk_steps"], lambda f: f["steps"] % f["chunk_steps"] == 0,
+    message="--steps: must be a multiple of --chunk_steps")
+flags.register_multi_flags_validator(
+    ["warmup_steps", "chunk_steps"],
+    lambda f: f["warmup_steps"] < f["chunk_steps"] or f["warmup_steps"] % f["chunk_steps"] == 0,
+    message="--warmup_steps: must be below --chunk_steps (one chunk) or a multiple of it")
 
 
 class Config:
@@ -138,16 +142,19 @@ def apply_fn(params, masks, x):
   return nn.apply_mlp(params, masks, x)
 
 
+def make_optimizer():
+  return train.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate)
+
+
 @functools.cache
-def train_program(mesh_size: int):
-  """The jitted, run-vmapped chunk of --chunk_steps steps (one compile per shape)."""
-  optimizer = train.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate)
-  mesh = sharding.make_mesh()
-  batch_sharding = sharding.batch_sharding(mesh, 2) if mesh_size > 1 else None
-  chunk = train.make_train_chunk(apply_fn, train.sigmoid_bce, optimizer,
-                                 batch_size=FLAGS.batch_size, steps=FLAGS.chunk_steps,
+def train_program(chunk_steps: int):
+  """The jitted, run-vmapped chunk of `chunk_steps` steps (compiled once per shape)."""
+  devices = len(jax.devices())
+  batch_sharding = sharding.batch_sharding(sharding.make_mesh(), 2) if devices > 1 else None
+  chunk = train.make_train_chunk(apply_fn, train.sigmoid_bce, make_optimizer(),
+                                 batch_size=FLAGS.batch_size, steps=chunk_steps,
                                  batch_sharding=batch_sharding)
-  return optimizer, jax.jit(jax.vmap(chunk), donate_argnums=0)
+  return jax.jit(jax.vmap(chunk), donate_argnums=0)
 
 
 def stack_trees(trees):
@@ -165,7 +172,7 @@ class Trainer:
     self.run_dir = run_dir
     self.progress = common.Progress("boolean", total_steps)
     self.done_steps = 0
-    self.optimizer, self.chunk_fn = train_program(len(jax.devices()))
+    self.optimizer = make_optimizer()
 
   def train(self, phase: str, state: train.TrainState, points, keys, end_step: int):
     """Trains a stacked state from its step to `end_step`, resuming from checkpoints."""
@@ -178,11 +185,13 @@ class Trainer:
       self.run_dir.drop_logs_after(lambda r: r.get("phase") != phase or r["step"] <= start)
     self.done_steps += start - first
     state = jax.tree.map(jnp.copy, state)  # the chunks donate their input: keep the caller's
+    chunk = min(FLAGS.chunk_steps, end_step - first)
+    chunk_fn = train_program(chunk)
     t0 = time.perf_counter()
-    for step in range(start + FLAGS.chunk_steps, end_step + 1, FLAGS.chunk_steps):
-      state, loss = self.chunk_fn(state, x, y, keys)
+    for step in range(start + chunk, end_step + 1, chunk):
+      state, loss = chunk_fn(state, x, y, keys)
       loss = np.asarray(loss)
-      self.done_steps += FLAGS.chunk_steps
+      self.done_steps += chunk
       self.run_dir.log({"phase": phase, "step": step, "runs": len(points),
                         "loss_mean": float(loss.mean()), "loss_max": float(loss.max()),
                         "seconds": round(time.perf_counter() - t0, 3)})
