@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
+
+from fpe_jax import sharding
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
@@ -58,7 +60,8 @@ def init_members(init_fn: Callable[[jax.Array], Params], key: jax.Array,
   """Initialises `num_members` members from independent keys, stacked on axis 0."""
   if num_members < 1:
     raise ValueError(f"num_members={num_members} must be >= 1")
-  return jax.vmap(init_fn)(jax.random.split(key, num_members))
+  # One compiled program: eager vmap dispatches every op of init_fn separately.
+  return jax.jit(jax.vmap(init_fn))(jax.random.split(key, num_members))
 
 
 def stack_members(members: Sequence[Params]) -> Params:
@@ -131,7 +134,9 @@ def member_sharding(stacked: Params, mesh: Mesh, axis: str = MEMBER_AXIS) -> Par
   count = num_members(stacked)
   if count % size:
     raise ValueError(f"{count} members cannot be split over mesh axis {axis!r} of size {size}")
-  return jax.tree.map(lambda leaf: NamedSharding(mesh, PartitionSpec(axis)), stacked)
+  if axis == MEMBER_AXIS:
+    return sharding.tree_shardings(stacked, mesh, sharding.MEMBER_RULES)
+  return sharding.tree_shardings(stacked, mesh, ((r".*", PartitionSpec(axis)),))
 
 
 def shard_members(stacked: Params, mesh: Mesh, axis: str = MEMBER_AXIS) -> Params:

@@ -1,0 +1,277 @@
+"""Stacked ensembles and the NCEn / GAL / ADP / TRS loss terms against plain references."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fpe_jax import ensemble, sharding
+from fpe_jax.models import cnn
+
+M, B, C, D = 3, 6, 4, 5
+
+
+def linear_apply(params, x):
+  return x.reshape(x.shape[0], -1) @ params["w"] + params["b"]
+
+
+def linear_members(key, members=M, d=D, classes=C):
+  k1, k2 = jax.random.split(key)
+  return {"w": jax.random.normal(k1, (members, d, classes)),
+          "b": 0.1 * jax.random.normal(k2, (members, classes))}
+
+
+def np_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def np_cosine(a, b):
+  return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def random_grads(seed=0, members=M, batch=B, shape=(2, 3)):
+  return np.random.default_rng(seed).normal(size=(members, batch, *shape)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- members
+
+
+def test_vmapped_ensemble_equals_loop_over_members():
+  config = cnn.CNNConfig(width=4, hidden=8)
+  stacked = ensemble.init_members(lambda k: cnn.init_cnn(k, config), jax.random.key(0), M)
+  x = jax.random.uniform(jax.random.key(1), (B, 28, 28, 1))
+  apply = lambda p, xb: cnn.apply_cnn(p, xb, config)
+  got = jax.jit(lambda s, xb: ensemble.member_logits(apply, s, xb))(stacked, x)
+  loop = np.stack([jax.jit(apply)(p, x) for p in ensemble.unstack_members(stacked)])
+  np.testing.assert_allclose(got, loop, rtol=1e-5, atol=1e-5)
+  probs = np_softmax(np.asarray(loop, np.float64)).mean(0)
+  np.testing.assert_allclose(ensemble.combine_logits(got), np.log(probs), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ensemble.combine_logits(got, "mean_logits"), loop.mean(0),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_members_are_distinct_and_stack_roundtrips():
+  stacked = linear_members(jax.random.key(0))
+  members = ensemble.unstack_members(stacked)
+  assert len(members) == M and ensemble.num_members(stacked) == M
+  assert not np.allclose(members[0]["w"], members[1]["w"])
+  chex.assert_trees_all_equal(ensemble.stack_members(members), stacked)
+
+
+def test_input_gradients_match_linear_closed_form():
+  stacked = linear_members(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (B, D))
+  y = jnp.arange(B) % C
+  ce, logits, grads = jax.jit(ensemble.input_gradients, static_argnums=0)(
+      linear_apply, stacked, x, y)
+  chex.assert_shape(grads, (M, B, D))
+  for i in range(M):
+    w, b = np.asarray(stacked["w"][i]), np.asarray(stacked["b"][i])
+    z = np.asarray(x) @ w + b
+    p = np_softmax(z)
+    onehot = np.eye(C)[np.asarray(y)]
+    np.testing.assert_allclose(logits[i], z, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ce[i], -np.log((p * onehot).sum(-1)), rtol=1e-5)
+    # d CE / d x = W (p - onehot) for a linear softmax classifier.
+    np.testing.assert_allclose(grads[i], (p - onehot) @ w.T, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- loss terms
+
+
+def test_pairwise_cosine_and_direction_term():
+  g = random_grads()
+  cos = np.asarray(ensemble.pairwise_cosine(jnp.asarray(g)))
+  flat = g.reshape(M, B, -1)
+  for i, j, b in itertools.product(range(M), range(M), range(B)):
+    np.testing.assert_allclose(cos[i, j, b], np_cosine(flat[i, b], flat[j, b]), rtol=1e-5,
+                               atol=1e-6)
+  reference = np.mean([np_cosine(flat[i, b], flat[j, b])
+                       for i, j in itertools.combinations(range(M), 2) for b in range(B)])
+  np.testing.assert_allclose(ensemble.direction_term(jnp.asarray(g)), reference, rtol=1e-5)
+  identical = np.broadcast_to(g[:1], g.shape)
+  np.testing.assert_allclose(ensemble.direction_term(jnp.asarray(identical)), 1.0, rtol=1e-6)
+  opposite = np.stack([g[0], -g[0]])
+  np.testing.assert_allclose(ensemble.direction_term(jnp.asarray(opposite)), -1.0, rtol=1e-6)
+
+
+def test_magnitude_term_is_batch_correlation_of_gradient_norms():
+  g = random_grads(1)
+  norms = np.linalg.norm(g.reshape(M, B, -1), axis=-1)
+  reference = np.mean([np.corrcoef(norms[i], norms[j])[0, 1]
+                       for i, j in itertools.combinations(range(M), 2)])
+  np.testing.assert_allclose(ensemble.magnitude_term(jnp.asarray(g)), reference, rtol=1e-4)
+  # Members whose gradients are positive multiples of one another: correlation 1.
+  scaled = np.stack([g[0], 3.0 * g[0], 0.5 * g[0]])
+  np.testing.assert_allclose(ensemble.magnitude_term(jnp.asarray(scaled)), 1.0, rtol=1e-5)
+
+
+def test_liu_yao_term_literal_and_closed_form():
+  g = random_grads(2)
+  flat = g.reshape(M, B, -1).astype(np.float64)
+  gbar = flat.mean(0)
+  literal = np.mean([sum((flat[i, b] - gbar[b]) @ sum(flat[j, b] - gbar[b]
+                                                      for j in range(M) if j != i)
+                         for i in range(M)) for b in range(B)])
+  closed = -np.mean(np.sum((flat - gbar) ** 2, axis=(0, 2)))
+  np.testing.assert_allclose(literal, closed, rtol=1e-10)
+  np.testing.assert_allclose(ensemble.liu_yao_term(jnp.asarray(g)), literal, rtol=1e-4)
+  identical = np.broadcast_to(g[:1], g.shape)
+  np.testing.assert_allclose(ensemble.liu_yao_term(jnp.asarray(identical)), 0.0, atol=1e-6)
+
+
+def test_gal_and_trs_terms():
+  g = random_grads(3)
+  flat = g.reshape(M, B, -1)
+  pairs = list(itertools.combinations(range(M), 2))
+  gal = np.mean([np.log(sum(np.exp(np_cosine(flat[i, b], flat[j, b])) for i, j in pairs))
+                 for b in range(B)])
+  np.testing.assert_allclose(ensemble.gal_term(jnp.asarray(g)), gal, rtol=1e-5)
+  identical = jnp.asarray(np.broadcast_to(g[:1], g.shape))
+  np.testing.assert_allclose(ensemble.gal_term(identical), np.log(len(pairs)) + 1.0, rtol=1e-6)
+  abs_cos = np.mean([abs(np_cosine(flat[i, b], flat[j, b])) for i, j in pairs for b in range(B)])
+  np.testing.assert_allclose(ensemble.trs_cosine_term(jnp.asarray(g)), abs_cos, rtol=1e-5)
+  np.testing.assert_allclose(ensemble.mean_squared_gradient_norm(jnp.asarray(g)),
+                             np.mean(np.sum(flat**2, -1)), rtol=1e-5)
+
+
+def test_adp_entropy_and_log_det():
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(M, B, C)).astype(np.float32)
+  labels = rng.integers(0, C, size=B)
+  probs = np_softmax(logits.astype(np.float64))
+  mean = probs.mean(0)
+  np.testing.assert_allclose(ensemble.ensemble_entropy(jnp.asarray(logits)),
+                             np.mean(-np.sum(mean * np.log(mean), -1)), rtol=1e-5)
+  uniform = jnp.zeros((M, B, C))
+  np.testing.assert_allclose(ensemble.ensemble_entropy(uniform), np.log(C), rtol=1e-6)
+  offset = 1e-6
+  log_dets = []
+  for b in range(B):
+    q = np.delete(probs[:, b], labels[b], axis=-1)
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    log_dets.append(np.linalg.slogdet(q @ q.T + offset * np.eye(M))[1])
+  np.testing.assert_allclose(ensemble.adp_log_det(jnp.asarray(logits), jnp.asarray(labels)),
+                             np.mean(log_dets), rtol=1e-3)
+  # Identical members: Gram = 11^T + offset I, det = offset^(M-1) (M + offset).
+  same = jnp.broadcast_to(jnp.asarray(logits[:1]), logits.shape)
+  np.testing.assert_allclose(ensemble.adp_log_det(same, jnp.asarray(labels), det_offset=1e-2),
+                             (M - 1) * np.log(1e-2) + np.log(M + 1e-2), rtol=1e-4)
+
+
+def test_losses_combine_their_terms():
+  stacked = linear_members(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (B, D))
+  y = jnp.arange(B) % C
+  ce, logits, grads = jax.jit(ensemble.input_gradients, static_argnums=0)(
+      linear_apply, stacked, x, y)
+  ce_sum = float(jnp.sum(jnp.mean(ce, axis=1)))
+  config = ensemble.LossConfig(lam_dir=0.7, lam_mag=0.3, lam_ncl=0.01, gal_lam=0.5,
+                               adp_alpha=2.0, adp_beta=0.5, trs_coeff=2.0, trs_lam=3.0,
+                               trs_scale=0.5)
+  expected = {
+      "independent": ce_sum,
+      "ncen": ce_sum + 0.7 * ensemble.direction_term(grads)
+              + 0.3 * ensemble.magnitude_term(grads) + 0.01 * ensemble.liu_yao_term(grads),
+      "gal": float(jnp.mean(ce)) + 0.5 * ensemble.gal_term(grads),
+      "adp": ce_sum - 2.0 * ensemble.ensemble_entropy(logits)
+             - 0.5 * ensemble.adp_log_det(logits, y),
+      "trs": ce_sum + 0.5 * (2.0 * ensemble.trs_cosine_term(grads)
+                             + 3.0 * 2.0 * ensemble.mean_squared_gradient_norm(grads)),
+  }
+  for name, value in expected.items():
+    loss_fn = ensemble.make_loss(linear_apply, config._replace(name=name), M)
+    loss, metrics = jax.jit(loss_fn)(stacked, x, y)
+    np.testing.assert_allclose(loss, value, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(metrics["loss"], loss)
+
+
+def test_double_backprop_matches_closed_form_input_gradient():
+  """d(NCEn)/d(params) through jax.grad_x equals autodiff of the closed-form g = W (p - y)."""
+  stacked = linear_members(jax.random.key(5))
+  x = jax.random.normal(jax.random.key(6), (B, D))
+  y = jnp.arange(B) % C
+  config = ensemble.LossConfig(name="ncen", lam_dir=1.0, lam_mag=0.5, lam_ncl=0.1)
+
+  def reference_loss(params):
+    logits = jnp.einsum("bd,mdc->mbc", x, params["w"]) + params["b"][:, None]
+    p = jax.nn.softmax(logits, -1)
+    onehot = jax.nn.one_hot(y, C)
+    grads = jnp.einsum("mbc,mdc->mbd", p - onehot, params["w"])
+    ce = -jnp.sum(jax.nn.log_softmax(logits, -1) * onehot, -1)
+    return (jnp.sum(jnp.mean(ce, 1)) + ensemble.direction_term(grads)
+            + 0.5 * ensemble.magnitude_term(grads) + 0.1 * ensemble.liu_yao_term(grads))
+
+  loss_fn = ensemble.make_loss(linear_apply, config, M)
+  got = jax.jit(jax.grad(lambda p: loss_fn(p, x, y)[0]))(stacked)
+  want = jax.jit(jax.grad(reference_loss))(stacked)
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(got["w"]).sum()) > 0
+
+
+def test_ncen_training_lowers_gradient_cosine_against_independent():
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(64, D)), jnp.float32)
+  y = jnp.asarray(np.argmax(np.asarray(x)[:, :C], -1))
+  stacked = linear_members(jax.random.key(8))
+  optimizer = optax.adam(0.05)
+  cosines = {}
+  for name in ("independent", "ncen"):
+    step = ensemble.make_train_step(
+        ensemble.make_loss(linear_apply, ensemble.LossConfig(name=name, lam_mag=0.0), M),
+        optimizer, donate=False)
+    state = ensemble.init_train_state(stacked, optimizer)
+    for _ in range(40):
+      state, metrics = step(state, x, y)
+    assert int(state.step) == 40
+    stats = jax.jit(ensemble.gradient_statistics, static_argnums=0)(linear_apply, state.params,
+                                                                     x, y)
+    cosines[name] = float(stats["mean_pairwise_cosine"])
+    assert np.isfinite(metrics["loss"])
+  assert cosines["ncen"] < cosines["independent"] - 0.2, cosines
+
+
+# --------------------------------------------------------------------------- errors, sharding
+
+
+def test_bad_arguments_raise_one_line_errors():
+  with pytest.raises(ValueError, match="loss='nope' is not one of"):
+    ensemble.make_loss(linear_apply, ensemble.LossConfig(name="nope"), M)
+  for name in ensemble.CORRELATION_LOSSES:
+    with pytest.raises(ValueError, match="num_members=1.*needs num_members >= 2"):
+      ensemble.make_loss(linear_apply, ensemble.LossConfig(name=name), 1)
+  ensemble.make_loss(linear_apply, ensemble.LossConfig(name="independent"), 1)
+  with pytest.raises(ValueError, match="combine='median'"):
+    ensemble.combine_logits(jnp.zeros((M, B, C)), "median")
+  with pytest.raises(ValueError, match="inconsistent leading"):
+    ensemble.num_members({"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))})
+
+
+def test_member_axis_shards_over_mesh_and_matches_unsharded():
+  members = 4
+  mesh = sharding.make_mesh({"member": 4}, devices=jax.devices()[:4])
+  stacked = linear_members(jax.random.key(9), members=members)
+  sharded = ensemble.shard_members(stacked, mesh)
+  assert sharded["w"].sharding.spec[0] == "member"
+  assert len(sharded["w"].addressable_shards) == 4
+  assert sharded["w"].addressable_shards[0].data.shape == (1, D, C)
+  x = jax.random.normal(jax.random.key(10), (B, D))
+  y = jnp.arange(B) % C
+  np.testing.assert_allclose(
+      jax.jit(lambda s: ensemble.member_logits(linear_apply, s, x))(sharded),
+      ensemble.member_logits(linear_apply, stacked, x), rtol=1e-5, atol=1e-6)
+  optimizer = optax.sgd(0.1)
+  step = ensemble.make_train_step(
+      ensemble.make_loss(linear_apply, ensemble.LossConfig(name="ncen"), members), optimizer,
+      donate=False)
+  sharded_state, _ = step(ensemble.init_train_state(sharded, optimizer), x, y)
+  plain_state, _ = step(ensemble.init_train_state(stacked, optimizer), x, y)
+  chex.assert_trees_all_close(sharded_state.params, plain_state.params, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="3 members cannot be split"):
+    ensemble.member_sharding(linear_members(jax.random.key(0), members=3), mesh)
