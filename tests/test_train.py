@@ -1,0 +1,97 @@
+"""Training chunks: masks hold, vmap over runs == a loop, data parallel == one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fpe_jax import nn, sharding, train
+
+
+def _problem(seed, n=256, d=6):
+  x = jax.random.normal(jax.random.key(seed), (n, d))
+  y = (x[:, 0] * x[:, 1] > 0).astype(jnp.int32)
+  return x, y
+
+
+def _state(seed, optimizer, sizes=(6, 8, 1), sparsity=0.5):
+  params = nn.init_mlp(jax.random.key(seed), list(sizes))
+  keep = jax.random.bernoulli(jax.random.key(seed + 100), 1 - sparsity, (sizes[0], sizes[1]))
+  masks = nn.full_masks(params)
+  masks["dense_0"]["w"] = keep.astype(jnp.float32)
+  return train.init_state(params, masks, optimizer)
+
+
+def _chunk(optimizer, steps=50, **kw):
+  return train.make_train_chunk(nn.apply_mlp, train.sigmoid_bce, optimizer, batch_size=32,
+                                steps=steps, **kw)
+
+
+def test_off_mask_weights_stay_exactly_zero_and_loss_falls():
+  optimizer = train.make_optimizer("adam", 1e-2)
+  state = _state(0, optimizer)
+  x, y = _problem(0)
+  chunk = jax.jit(_chunk(optimizer, steps=200))
+  _, first = chunk(state, x, y, jax.random.key(1))
+  for _ in range(3):
+    state, loss = chunk(state, x, y, jax.random.key(1))
+  assert float(loss) < float(first)
+  off = state.params["dense_0"]["w"] * (1 - state.masks["dense_0"]["w"])
+  assert np.all(np.asarray(off) == 0.0)
+  assert int(state.step) == 600
+
+
+def test_vmap_over_runs_equals_a_loop():
+  optimizer = train.make_optimizer("adam", 1e-2)
+  chunk = _chunk(optimizer)
+  states = [_state(s, optimizer) for s in range(3)]
+  data = [_problem(s) for s in range(3)]
+  keys = [jax.random.key(10 + s) for s in range(3)]
+  stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+  batched, losses = jax.jit(jax.vmap(chunk))(
+      stack(states), stack([d[0] for d in data]), stack([d[1] for d in data]), stack(keys))
+  for i in range(3):
+    single, loss = jax.jit(chunk)(states[i], *data[i], keys[i])
+    np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(single.params),
+                    jax.tree.leaves(jax.tree.map(lambda t, i=i: t[i], batched.params)),
+                    strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_data_parallel_over_8_devices_equals_one_device():
+  assert len(jax.devices()) == 8, "tests/conftest.py fakes 8 CPU devices"
+  optimizer = train.make_optimizer("sgd", 0.1)
+  mesh = sharding.make_mesh()
+  assert mesh.shape == {"data": 8}
+  state = _state(0, optimizer)
+  x, y = _problem(0)
+  single, loss1 = jax.jit(_chunk(optimizer))(state, x, y, jax.random.key(3))
+  parallel_fn = jax.jit(jax.vmap(_chunk(optimizer,
+                                        batch_sharding=sharding.batch_sharding(mesh, 2))))
+  stack1 = lambda t: jax.tree.map(lambda a: a[None], t)
+  parallel, loss8 = parallel_fn(stack1(state), x[None], y[None], stack1(jax.random.key(3)))
+  np.testing.assert_allclose(loss8[0], loss1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(parallel.params), strict=True):
+    np.testing.assert_allclose(b[0], a, rtol=1e-5, atol=1e-6)
+  lowered = parallel_fn.lower(stack1(state), x[None], y[None], stack1(jax.random.key(3)))
+  assert "sharding" in lowered.as_text()
+
+
+def test_mesh_and_rules():
+  mesh = sharding.make_mesh({"data": 2, "member": 4})
+  assert mesh.shape == {"data": 2, "member": 4}
+  tree = {"w": jnp.zeros((4, 3, 2)), "b": jnp.zeros((4, 2))}
+  placed = sharding.shard_tree(tree, mesh, sharding.MEMBER_RULES)
+  assert placed["w"].sharding.spec[0] == "member"
+  with pytest.raises(ValueError, match="multiply to 8 devices"):
+    sharding.make_mesh({"data": 3})
+  with pytest.raises(ValueError, match="mesh axes must be among"):
+    sharding.make_mesh({"batch": 8})
+
+
+def test_optimizer_errors():
+  with pytest.raises(ValueError, match="optimizer must be one of"):
+    train.make_optimizer("lion", 1e-3)
+  with pytest.raises(ValueError, match="learning_rate must be > 0"):
+    train.make_optimizer("adam", 0.0)
