@@ -1,0 +1,441 @@
+"""Sequential block-by-block FFN compression of a Llama model, and the held-out perplexity.
+
+One pipeline serves every method of paper 2 (../shared/docs/papers.md, section 2):
+`dense`, `magnitude`, `wanda`, `sparsegpt` and `sparse_expansion` (K experts per FFN
+linear, copy k pruned by SparseGPT on the Hessian of input cluster k, hard nearest-centroid
+routing in PCA space; gate_proj and up_proj share one router fitted on their common input,
+down_proj has its own on the intermediate activation). Only the FFN linears are
+compressed; attention stays dense.
+
+Sequential calibration, as in the authors' code: block i is calibrated on the outputs of
+blocks 0..i-1 as already compressed, then the calibration hidden states are pushed through
+the compressed block. Within a block, down_proj is calibrated on the DENSE gate/up
+intermediate when `dense_within_block` (the authors' code), else on the intermediate of the
+compressed gate/up. The held-out windows are pushed through each block as soon as it is
+compressed, so memory holds one block's activations (calibration + evaluation), never every
+layer's, and no compressed weights outlive their block.
+
+Everything here is pure (no I/O); the binaries in experiments/ add flags, files and plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fpe_jax import sparse
+from fpe_jax.metrics import wasserstein_to_gaussian
+from fpe_jax.models import llama
+
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "sparse_expansion")
+NEURON_SELECTIONS = ("all", "wasserstein", "random", "mean", "variance", "weight_norm")
+FFN_MATRICES = ("w_gate", "w_up", "w_down")
+# k-means needs tokens in every cluster; fewer than this many calibration tokens per
+# expert (on average) leaves clusters too small for a usable Hessian.
+MIN_TOKENS_PER_EXPERT = 16
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionConfig:
+  """How each FFN linear is compressed.
+
+  Attributes:
+    method: one of METHODS.
+    sparsity: fraction of pruned weights in [0, 1) (each method's own definition, see
+      fpe_jax.sparse); ignored when n_m is given.
+    n_m: optional (n, m) semi-structured pattern, e.g. (2, 4).
+    num_experts: K, experts per FFN linear (sparse_expansion only; K=1 is SparseGPT).
+    pca_components: PCA dimension of the routers (None: d_in // 32, as the authors).
+    kmeans_restarts, kmeans_iters: k-means++ restarts and Lloyd iterations.
+    dense_within_block: calibrate down_proj on the dense gate/up intermediate.
+    damp, block_size: SparseGPT's relative damping and column block.
+    neuron_selection: prune only a `neuron_fraction` of each matrix's output neurons (its
+      columns), chosen by this criterion (top scores; `random` draws them), the rest stays
+      dense; `all` prunes every neuron. For the Wasserstein-neuron ablation.
+    neuron_fraction: share of neurons pruned when neuron_selection is not `all`.
+  """
+  method: str = "sparsegpt"
+  sparsity: float = 0.5
+  n_m: tuple[int, int] | None = None
+  num_experts: int = 1
+  pca_components: int | None = None
+  kmeans_restarts: int = 10
+  kmeans_iters: int = 50
+  dense_within_block: bool = True
+  damp: float = 0.01
+  block_size: int = 128
+  neuron_selection: str = "all"
+  neuron_fraction: float = 0.03
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"method={self.method!r} must be one of {METHODS}")
+    if not 0.0 <= self.sparsity < 1.0:
+      raise ValueError(f"sparsity={self.sparsity} must be in [0, 1)")
+    if self.n_m is not None:
+      n, m = self.n_m
+      if not 0 <= n < m:
+        raise ValueError(f"n_m={self.n_m}: needs 0 <= n < m")
+    if self.num_experts < 1:
+      raise ValueError(f"num_experts={self.num_experts} must be >= 1")
+    if self.num_experts > 1 and self.method != "sparse_expansion":
+      raise ValueError(f"num_experts={self.num_experts} > 1 needs method='sparse_expansion'")
+    if self.neuron_selection not in NEURON_SELECTIONS:
+      raise ValueError(
+          f"neuron_selection={self.neuron_selection!r} must be one of {NEURON_SELECTIONS}")
+    if not 0.0 < self.neuron_fraction <= 1.0:
+      raise ValueError(f"neuron_fraction={self.neuron_fraction} must be in (0, 1]")
+    if self.neuron_selection != "all" and self.method == "sparse_expansion":
+      raise ValueError("neuron_selection applies to single-model methods, not sparse_expansion")
+
+
+def check_calibration_size(num_tokens: int, num_experts: int) -> None:
+  """Raises a one-line ValueError when K experts cannot be fitted on num_tokens tokens."""
+  if num_experts * MIN_TOKENS_PER_EXPERT > num_tokens:
+    raise ValueError(
+        f"num_experts={num_experts} needs at least {MIN_TOKENS_PER_EXPERT} calibration tokens "
+        f"per expert ({num_experts * MIN_TOKENS_PER_EXPERT}), got {num_tokens}")
+
+
+# ----------------------------------------------------------------------------------------
+# Compressed FFN linears: experts [E, d_in, d_out] (E = 1 without routing).
+
+
+def linear_apply(linear: Params, x: jax.Array, expert_ids: jax.Array | None) -> jax.Array:
+  """Applies a compressed linear. x: [n, d_in]; expert_ids: [n] or None (single model)."""
+  w = linear["w"]
+  if w.shape[0] == 1:
+    return x @ w[0]
+  order = jnp.argsort(expert_ids, stable=True)
+  sizes = jnp.bincount(expert_ids, length=w.shape[0]).astype(jnp.int32)
+  y = jax.lax.ragged_dot(x[order], w, sizes)
+  return jnp.zeros_like(y).at[order].set(y)
+
+
+def _prune_single(w: jax.Array, h_state: sparse.HessianState, cfg: CompressionConfig,
+                  columns: jax.Array | None) -> jax.Array:
+  """One matrix [d_in, d_out] pruned by cfg.method, only `columns` (output neurons) if given."""
+  target = w if columns is None else w[:, columns]
+  kw = dict(sparsity=cfg.sparsity, n_m=cfg.n_m)
+  if cfg.method == "magnitude":
+    pruned, _ = sparse.magnitude(target, **kw)
+  elif cfg.method == "wanda":
+    pruned, _ = sparse.wanda(target, sparse.input_norms(h_state), **kw)
+  else:
+    pruned, _ = sparse.sparsegpt(target, h_state.h, damp=cfg.damp, block_size=cfg.block_size,
+                                 **kw)
+  return pruned if columns is None else w.at[:, columns].set(pruned)
+
+
+def select_neurons(key: jax.Array, w: jax.Array, y: jax.Array, criterion: str,
+                   fraction: float) -> jax.Array:
+  """Indices of the top `fraction` of output neurons by a criterion.
+
+  Args:
+    key: PRNG key (used by `random` only).
+    w: [d_in, d_out] weights (columns are neurons).
+    y: [tokens, d_out] the neurons' pre-activation outputs on calibration tokens.
+    criterion: `wasserstein` (distance of the z-scored output to N(0,1)), `mean` (|mean y|),
+      `variance` (var y), `weight_norm` (||w[:, j]||), `random`.
+    fraction: share of neurons, at least one.
+
+  Returns:
+    [ceil(fraction * d_out)] int32 sorted indices.
+  """
+  count = max(1, math.ceil(fraction * w.shape[1]))
+  if criterion == "random":
+    return jnp.sort(jax.random.choice(key, w.shape[1], (count,), replace=False))
+  scores = {
+      "wasserstein": lambda: wasserstein_to_gaussian(y),
+      "mean": lambda: jnp.abs(jnp.mean(y, axis=0)),
+      "variance": lambda: jnp.var(y, axis=0),
+      "weight_norm": lambda: jnp.linalg.norm(w, axis=0),
+  }
+  if criterion not in scores:
+    raise ValueError(f"criterion={criterion!r} must be one of {NEURON_SELECTIONS[1:]}")
+  return jnp.sort(jax.lax.top_k(scores[criterion](), count)[1]).astype(jnp.int32)
+
+
+def _hessian(x: jax.Array, chunk: int = 16384) -> sparse.HessianState:
+  state = sparse.hessian_init(x.shape[-1])
+  for start in range(0, x.shape[0], chunk):
+    state = sparse.hessian_update(state, x[start:start + chunk])
+  return state
+
+
+def compress_ffn_single(key: jax.Array, block: Params, x: jax.Array,
+                        cfg: CompressionConfig) -> tuple[Params, dict]:
+  """Compresses one FFN with a single-model method (dense, magnitude, wanda, sparsegpt).
+
+  Args:
+    key: PRNG key (random neuron selection).
+    block: the block's params (w_gate, w_up, w_down [d_in, d_out]).
+    x: [tokens, d_model] the FFN input on calibration tokens.
+    cfg: compression config.
+
+  Returns:
+    (ffn, info): ffn = {"w_gate"|"w_up"|"w_down": {"w": [1, d_in, d_out]}}; info holds the
+    selected neuron indices per matrix when neuron_selection is not `all`.
+  """
+  info: dict = {}
+  if cfg.method == "dense":
+    return {name: {"w": block[name][None]} for name in FFN_MATRICES}, info
+  keys = dict(zip(FFN_MATRICES, jax.random.split(key, 3), strict=True))
+
+  def columns(name, w, inputs):
+    if cfg.neuron_selection == "all":
+      return None
+    sel = select_neurons(keys[name], w, inputs @ w, cfg.neuron_selection, cfg.neuron_fraction)
+    info[name] = np.asarray(sel)
+    return sel
+
+  h_in = _hessian(x) if cfg.method != "magnitude" else None
+  gate = _prune_single(block["w_gate"], h_in, cfg, columns("w_gate", block["w_gate"], x))
+  up = _prune_single(block["w_up"], h_in, cfg, columns("w_up", block["w_up"], x))
+  dense_inter = cfg.dense_within_block or cfg.method == "magnitude"
+  inter = llama.swiglu(x @ block["w_gate"], x @ block["w_up"]) if dense_inter else (
+      llama.swiglu(x @ gate, x @ up))
+  h_mid = _hessian(inter) if cfg.method != "magnitude" else None
+  down = _prune_single(block["w_down"], h_mid, cfg, columns("w_down", block["w_down"], inter))
+  return {"w_gate": {"w": gate[None]}, "w_up": {"w": up[None]}, "w_down": {"w": down[None]}}, info
+
+
+def ffn_apply(ffn: Params, x: jax.Array) -> jax.Array:
+  """Compressed SwiGLU FFN (no residual). x: [..., d_model] -> [..., d_model].
+
+  Single-model FFNs hold {"w": [1, d_in, d_out]} per matrix; Sparse Expansion FFNs also
+  hold "router_in" / "router_mid" and [K, d_in, d_out] experts.
+  """
+  shape = x.shape
+  x = x.reshape(-1, shape[-1])
+  ids_in = route(ffn["router_in"], x) if "router_in" in ffn else None
+  inter = llama.swiglu(linear_apply(ffn["w_gate"], x, ids_in),
+                       linear_apply(ffn["w_up"], x, ids_in))
+  ids_mid = route(ffn["router_mid"], inter) if "router_mid" in ffn else None
+  return linear_apply(ffn["w_down"], inter, ids_mid).reshape(shape)
+
+
+def route(router: Params, x: jax.Array) -> jax.Array:
+  """Nearest centroid in PCA space. router: mean [d], components [d, p], centroids [K, p];
+  x: [n, d] -> [n] int32 expert ids."""
+  z = (x - router["mean"]) @ router["components"]
+  d2 = jnp.sum(z * z, -1, keepdims=True) - 2 * z @ router["centroids"].T + jnp.sum(
+      router["centroids"] ** 2, -1)
+  return jnp.argmin(d2, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------
+# The pipeline.
+
+
+@dataclasses.dataclass
+class PipelineResult:
+  """What `run_pipeline` returns.
+
+  Attributes:
+    perplexity: exp(mean next-token NLL) on the evaluation windows.
+    mean_nll: the mean NLL.
+    layers: one dict per compressed layer, from the per-layer hook (may be empty).
+  """
+  perplexity: float
+  mean_nll: float
+  layers: list[dict]
+
+
+LayerHook = Callable[[int, Params, jax.Array, Params, dict], dict]
+
+
+def _batched(fn, arrays: Sequence[jax.Array], batch_size: int) -> jax.Array:
+  """fn over leading-axis batches of the arrays, concatenated (bounded peak memory)."""
+  n = arrays[0].shape[0]
+  outs = [fn(*(a[s:s + batch_size] for a in arrays)) for s in range(0, n, batch_size)]
+  return jnp.concatenate(outs, axis=0)
+
+
+def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
+                 calib_windows: jax.Array, eval_windows: jax.Array, cfg: CompressionConfig,
+                 *, layers: Sequence[int] | None = None, batch_size: int = 8,
+                 compress_fn: Callable | None = None, layer_hook: LayerHook | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> PipelineResult:
+  """Compresses the FFNs of `layers` block by block and returns the held-out perplexity.
+
+  Args:
+    key: PRNG key (k-means seeding, random neuron selection), split per layer.
+    model_cfg: model config.
+    params: dense model params (stacked blocks).
+    calib_windows: [n_calib, seq_c] int calibration tokens.
+    eval_windows: [n_eval, seq_e] int held-out tokens.
+    cfg: compression config.
+    layers: blocks whose FFN is compressed (default all); the others stay dense.
+    batch_size: windows per jitted block call.
+    compress_fn: (key, block, x [tokens, d], cfg) -> (ffn, info); default picks
+      `compress_ffn_single` or, for sparse_expansion, `compress_ffn_experts`.
+    layer_hook: optional (layer, block, x, ffn, info) -> dict, called after each compressed
+      layer with its calibration FFN input x [tokens, d]; its dicts make `layers`.
+    progress: optional (layers_done, total) callback.
+
+  Returns:
+    PipelineResult.
+  """
+  n_layers = model_cfg.n_layers
+  layers = sorted(set(range(n_layers) if layers is None else layers))
+  if layers and not 0 <= layers[0] <= layers[-1] < n_layers:
+    raise ValueError(f"layers={layers} must be in [0, {n_layers})")
+  if cfg.method == "dense":
+    layers = []
+  calib_tokens = int(np.prod(calib_windows.shape))
+  check_calibration_size(calib_tokens, cfg.num_experts)
+  if compress_fn is None:
+    compress_fn = compress_ffn_experts if cfg.method == "sparse_expansion" else (
+        compress_ffn_single)
+
+  attention = jax.jit(llama.attention_sublayer, static_argnums=0)
+  ffn_input = jax.jit(llama.ffn_input, static_argnums=0)
+  dense_block = jax.jit(llama.block_apply, static_argnums=0)
+  ffn_residual = jax.jit(lambda ffn, h, x: h + ffn_apply(ffn, x))
+  embed = jax.jit(llama.embed)
+
+  h_eval = _batched(lambda t: embed(params, t), [jnp.asarray(eval_windows)], batch_size)
+  last = layers[-1] if layers else -1
+  h_cal = _batched(lambda t: embed(params, t), [jnp.asarray(calib_windows)], batch_size) if (
+      layers) else None
+  records = []
+  for layer in range(n_layers):
+    block = llama.block_params(params, layer)
+    if layer not in layers:
+      run = lambda h, b=block: dense_block(model_cfg, b, h)  # noqa: E731
+      h_eval = _batched(run, [h_eval], batch_size)
+      if h_cal is not None and layer < last:
+        h_cal = _batched(run, [h_cal], batch_size)
+      elif layer >= last:
+        h_cal = None
+      continue
+    key, layer_key = jax.random.split(key)
+    attn = lambda h, b=block: attention(model_cfg, b, h)  # noqa: E731
+    norm = lambda h, b=block: ffn_input(model_cfg, b, h)  # noqa: E731
+    a_cal = _batched(attn, [h_cal], batch_size)
+    x_cal = _batched(norm, [a_cal], batch_size)
+    ffn, info = compress_fn(layer_key, block, x_cal.reshape(-1, model_cfg.d_model), cfg)
+    if layer_hook is not None:
+      records.append(layer_hook(layer, block, x_cal.reshape(-1, model_cfg.d_model), ffn, info))
+    step = lambda h, x, f=ffn: ffn_residual(f, h, x)  # noqa: E731
+    h_cal = _batched(step, [a_cal, x_cal], batch_size) if layer < last else None
+    del a_cal, x_cal
+    a_eval = _batched(attn, [h_eval], batch_size)
+    h_eval = _batched(step, [a_eval, _batched(norm, [a_eval], batch_size)], batch_size)
+    del ffn, a_eval
+    if progress is not None:
+      progress(layers.index(layer) + 1, len(layers))
+  nll_fn = jax.jit(lambda h, t: jnp.sum(llama.hidden_nll(model_cfg, params, h, t)))
+  eval_windows = jnp.asarray(eval_windows)
+  total = sum(float(nll_fn(h_eval[s:s + batch_size], eval_windows[s:s + batch_size]))
+              for s in range(0, eval_windows.shape[0], batch_size))
+  mean_nll = total / (eval_windows.shape[0] * (eval_windows.shape[1] - 1))
+  return PipelineResult(float(np.exp(mean_nll)), mean_nll, records)
+
+
+def _fit_router(key: jax.Array, x: jax.Array, num_experts: int, cfg: CompressionConfig
+                ) -> tuple[Params, jax.Array]:
+  """PCA + k-means router on x: [n, d] -> (router, [n] expert ids).
+
+  PCA by eigh of the covariance (p = cfg.pca_components, default d // 32), k-means++ seeding
+  and Lloyd iterations, best of cfg.kmeans_restarts by inertia (vmapped restarts).
+  """
+  p = cfg.pca_components or max(1, x.shape[1] // 32)
+  mean = jnp.mean(x, axis=0)
+  xc = x - mean
+  _, vecs = jnp.linalg.eigh(xc.T @ xc / x.shape[0])
+  components = vecs[:, ::-1][:, :p]  # top-p principal directions, [d, p]
+  z = xc @ components
+  centroids = _kmeans(key, z, num_experts, cfg.kmeans_restarts, cfg.kmeans_iters)
+  router = {"mean": mean, "components": components, "centroids": centroids}
+  return router, route(router, x)
+
+
+def _kmeans(key, z, k, restarts, iters):
+  """k-means++ seeding then Lloyd iterations, best of `restarts` by inertia. z: [n, p]."""
+  n = z.shape[0]
+
+  def sq_dist(c):
+    return jnp.maximum(jnp.sum(z * z, -1, keepdims=True) - 2 * z @ c.T + jnp.sum(c * c, -1),
+                       0.0)
+
+  def one(key):
+    k0, key = jax.random.split(key)
+    first = z[jax.random.randint(k0, (), 0, n)]
+    cents = jnp.zeros((k, z.shape[1]), z.dtype).at[0].set(first)
+
+    def seed(i, carry):
+      cents, key = carry
+      key, sub = jax.random.split(key)
+      d2 = jnp.min(jnp.where(jnp.arange(k) < i, sq_dist(cents), jnp.inf), axis=1)
+      idx = jax.random.categorical(sub, jnp.log(jnp.maximum(d2, 1e-30)))
+      return cents.at[i].set(z[idx]), key
+
+    cents, _ = jax.lax.fori_loop(1, k, seed, (cents, key))
+
+    def lloyd(_, cents):
+      assign = jax.nn.one_hot(jnp.argmin(sq_dist(cents), 1), k, dtype=z.dtype)
+      counts = assign.sum(0)[:, None]
+      # An empty cluster keeps its centroid.
+      return jnp.where(counts > 0, assign.T @ z / jnp.maximum(counts, 1.0), cents)
+
+    cents = jax.lax.fori_loop(0, iters, lloyd, cents)
+    return cents, jnp.sum(jnp.min(sq_dist(cents), 1))
+
+  cents, inertia = jax.jit(jax.vmap(one))(jax.random.split(key, restarts))
+  return cents[jnp.argmin(inertia)]
+
+
+def _expert_sparsegpt(w: jax.Array, h: jax.Array, cfg: CompressionConfig) -> jax.Array:
+  """SparseGPT of the same dense w on each expert's Hessian. h: [K, d_in, d_in] -> [K, d_in,
+  d_out]. A cluster without tokens has a zero Hessian: all inputs dead, the expert is zero
+  (it is never routed to on calibration data)."""
+  prune = lambda hk: sparse.sparsegpt_with_info(  # noqa: E731
+      w, hk, sparsity=cfg.sparsity, n_m=cfg.n_m, damp=cfg.damp, block_size=cfg.block_size)
+  out = [prune(h[k]) for k in range(h.shape[0])]
+  failed = [k for k, r in enumerate(out) if not bool(r.ok)]
+  if failed:
+    raise ValueError(f"SparseGPT Cholesky failed for experts {failed} at every damping")
+  return jnp.stack([r.w for r in out])
+
+
+def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
+                         cfg: CompressionConfig) -> tuple[Params, dict]:
+  """Sparse Expansion of one FFN: routers and K SparseGPT experts per linear.
+
+  Args:
+    key: PRNG key (k-means seeding).
+    block: the block's params.
+    x: [tokens, d_model] the FFN input on calibration tokens.
+    cfg: compression config (method sparse_expansion).
+
+  Returns:
+    (ffn, info): ffn = {"router_in", "router_mid": router, "w_gate"|"w_up"|"w_down":
+    {"w": [K, d_in, d_out]}}; info = {"ids_in", "ids_mid": [tokens] expert ids,
+    "inter": [tokens, d_ff] the intermediate the down router was fitted on}.
+  """
+  k = cfg.num_experts
+  key_in, key_mid = jax.random.split(key)
+  router_in, ids_in = _fit_router(key_in, x, k, cfg)
+  h_in = sparse.hessian_update(sparse.hessian_init(x.shape[1], k), x, ids_in).h
+  gate = {"w": _expert_sparsegpt(block["w_gate"], h_in, cfg)}
+  up = {"w": _expert_sparsegpt(block["w_up"], h_in, cfg)}
+  if cfg.dense_within_block:
+    inter = llama.swiglu(x @ block["w_gate"], x @ block["w_up"])
+  else:
+    inter = llama.swiglu(linear_apply(gate, x, ids_in), linear_apply(up, x, ids_in))
+  router_mid, ids_mid = _fit_router(key_mid, inter, k, cfg)
+  h_mid = sparse.hessian_update(sparse.hessian_init(inter.shape[1], k), inter, ids_mid).h
+  down = {"w": _expert_sparsegpt(block["w_down"], h_mid, cfg)}
+  ffn = {"router_in": router_in, "router_mid": router_mid, "w_gate": gate, "w_up": up,
+         "w_down": down}
+  return ffn, {"ids_in": ids_in, "ids_mid": ids_mid, "inter": inter}
