@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpe_jax import sparse
+from fpe_jax import cluster, sparse
 from fpe_jax.metrics import wasserstein_to_gaussian
 from fpe_jax.models import llama
 
@@ -216,20 +216,11 @@ def ffn_apply(ffn: Params, x: jax.Array) -> jax.Array:
   """
   shape = x.shape
   x = x.reshape(-1, shape[-1])
-  ids_in = route(ffn["router_in"], x) if "router_in" in ffn else None
+  ids_in = cluster.route(ffn["router_in"], x) if "router_in" in ffn else None
   inter = llama.swiglu(linear_apply(ffn["w_gate"], x, ids_in),
                        linear_apply(ffn["w_up"], x, ids_in))
-  ids_mid = route(ffn["router_mid"], inter) if "router_mid" in ffn else None
+  ids_mid = cluster.route(ffn["router_mid"], inter) if "router_mid" in ffn else None
   return linear_apply(ffn["w_down"], inter, ids_mid).reshape(shape)
-
-
-def route(router: Params, x: jax.Array) -> jax.Array:
-  """Nearest centroid in PCA space. router: mean [d], components [d, p], centroids [K, p];
-  x: [n, d] -> [n] int32 expert ids."""
-  z = (x - router["mean"]) @ router["components"]
-  d2 = jnp.sum(z * z, -1, keepdims=True) - 2 * z @ router["centroids"].T + jnp.sum(
-      router["centroids"] ** 2, -1)
-  return jnp.argmin(d2, axis=-1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------
@@ -344,55 +335,9 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
 
 def _fit_router(key: jax.Array, x: jax.Array, num_experts: int, cfg: CompressionConfig
                 ) -> tuple[Params, jax.Array]:
-  """PCA + k-means router on x: [n, d] -> (router, [n] expert ids).
-
-  PCA by eigh of the covariance (p = cfg.pca_components, default d // 32), k-means++ seeding
-  and Lloyd iterations, best of cfg.kmeans_restarts by inertia (vmapped restarts).
-  """
-  p = cfg.pca_components or max(1, x.shape[1] // 32)
-  mean = jnp.mean(x, axis=0)
-  xc = x - mean
-  _, vecs = jnp.linalg.eigh(xc.T @ xc / x.shape[0])
-  components = vecs[:, ::-1][:, :p]  # top-p principal directions, [d, p]
-  z = xc @ components
-  centroids = _kmeans(key, z, num_experts, cfg.kmeans_restarts, cfg.kmeans_iters)
-  router = {"mean": mean, "components": components, "centroids": centroids}
-  return router, route(router, x)
-
-
-def _kmeans(key, z, k, restarts, iters):
-  """k-means++ seeding then Lloyd iterations, best of `restarts` by inertia. z: [n, p]."""
-  n = z.shape[0]
-
-  def sq_dist(c):
-    return jnp.maximum(jnp.sum(z * z, -1, keepdims=True) - 2 * z @ c.T + jnp.sum(c * c, -1),
-                       0.0)
-
-  def one(key):
-    k0, key = jax.random.split(key)
-    first = z[jax.random.randint(k0, (), 0, n)]
-    cents = jnp.zeros((k, z.shape[1]), z.dtype).at[0].set(first)
-
-    def seed(i, carry):
-      cents, key = carry
-      key, sub = jax.random.split(key)
-      d2 = jnp.min(jnp.where(jnp.arange(k) < i, sq_dist(cents), jnp.inf), axis=1)
-      idx = jax.random.categorical(sub, jnp.log(jnp.maximum(d2, 1e-30)))
-      return cents.at[i].set(z[idx]), key
-
-    cents, _ = jax.lax.fori_loop(1, k, seed, (cents, key))
-
-    def lloyd(_, cents):
-      assign = jax.nn.one_hot(jnp.argmin(sq_dist(cents), 1), k, dtype=z.dtype)
-      counts = assign.sum(0)[:, None]
-      # An empty cluster keeps its centroid.
-      return jnp.where(counts > 0, assign.T @ z / jnp.maximum(counts, 1.0), cents)
-
-    cents = jax.lax.fori_loop(0, iters, lloyd, cents)
-    return cents, jnp.sum(jnp.min(sq_dist(cents), 1))
-
-  cents, inertia = jax.jit(jax.vmap(one))(jax.random.split(key, restarts))
-  return cents[jnp.argmin(inertia)]
+  """fpe_jax.cluster's PCA + k-means router on x: [n, d] -> (router, [n] expert ids)."""
+  return cluster.fit_router(key, x, num_experts, n_components=cfg.pca_components,
+                            n_restarts=cfg.kmeans_restarts, max_iters=cfg.kmeans_iters)
 
 
 def _expert_sparsegpt(w: jax.Array, h: jax.Array, cfg: CompressionConfig) -> jax.Array:
