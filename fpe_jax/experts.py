@@ -1,0 +1,319 @@
+"""Mixtures of sparse experts for one linear layer (Sparse Expansion, papers.md section 2).
+
+An expert linear is a plain dict (a pytree; masks are data beside the weights):
+
+  {"w": [E, d_in, d_out] expert weights, exactly zero off-mask,
+   "mask": [E, d_in, d_out] float 0/1 static masks (1 = kept)}
+
+Expert e is the dense weight pruned by SparseGPT with the Hessian of the calibration
+tokens routed to e. Each token uses exactly one expert (hard top-1 routing, see
+fpe_jax.cluster.route), so the per-token cost is that of one sparse matrix.
+
+Apply implementations (`apply_experts(..., implementation=)`):
+  "xla"     tokens sorted by expert, one grouped matmul (`lax.ragged_dot`), unsorted.
+  "onehot"  every expert on every token, then the routed one selected: E times the
+            FLOPs; the plain reference.
+  "kernel"  kernels_pallas.expert_matmul, which skips all-zero weight blocks; needs the
+            host-built `BlockSparseMask.from_masks(layer["mask"])` as `block_mask`.
+
+The expert axis shards over the mesh axis `expert` (`expert_shardings`, `shard_experts`);
+`apply_experts_sharded` is the expert-parallel apply: each device multiplies only the
+tokens routed to its own experts, and one psum over `expert` assembles the output.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from fpe_jax import cluster, metrics, sparse
+
+IMPLEMENTATIONS = ("xla", "onehot", "kernel")
+EXPERT_AXIS = "expert"
+# Expert banks: the leaves named w / mask ([E, d_in, d_out]) shard their first axis over
+# `expert`; everything else (routers) is replicated. Rules are (regex, spec), as in
+# fpe_jax.sharding.
+EXPERT_BANK_RULES = ((r"(.*/)?(w|mask)", PartitionSpec(EXPERT_AXIS, None, None)),)
+
+
+def expert_partition_spec() -> PartitionSpec:
+  """PartitionSpec of a stacked [E, d_in, d_out] expert bank: experts over `expert`."""
+  return PartitionSpec(EXPERT_AXIS, None, None)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sparsity", "n_m", "block_size", "damp", "batch_size")
+)
+def _prune_experts_jit(w, hessians, *, sparsity, n_m, block_size, damp, batch_size):
+  # sparsegpt_with_info checks its arguments while this traces (static Python values).
+  def one(h):
+    return sparse.sparsegpt_with_info(
+        w, h, sparsity=sparsity, n_m=n_m, block_size=block_size, damp=damp
+    )
+
+  return jax.lax.map(one, hessians, batch_size=batch_size)
+
+
+def prune_experts(
+    w: jax.Array,
+    hessians: jax.Array,
+    *,
+    sparsity: float = 0.0,
+    n_m=None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    expert_batch_size: int = 1,
+) -> dict[str, jax.Array]:
+  """K SparseGPT copies of one dense weight, copy e pruned with Hessian e.
+
+  Args:
+    w: [d_in, d_out] dense weight.
+    hessians: [E, d_in, d_in] per-expert input Hessians (e.g.
+      `sparse.hessian_from_inputs(x, ids, num_groups=E)`). An expert whose cluster had no
+      tokens has a zero Hessian: every input is dead and its weights are all zero.
+    sparsity, n_m, block_size, damp: as in `fpe_jax.sparse.sparsegpt`.
+    expert_batch_size: experts pruned together (vmapped) per step of a sequential map;
+      1 keeps memory at one expert's, E prunes all at once (fast on accelerators).
+
+  Returns:
+    {"w": [E, d_in, d_out], "mask": [E, d_in, d_out]}.
+
+  Raises:
+    ValueError: when SparseGPT's damped Cholesky failed for some expert at every damping.
+  """
+  if jnp.ndim(hessians) != 3 or jnp.shape(hessians)[1:] != (jnp.shape(w)[0],) * 2:
+    raise ValueError(
+        f"hessians must be [E, d_in, d_in] with d_in={jnp.shape(w)[0]}, got {jnp.shape(hessians)}"
+    )
+  if not isinstance(expert_batch_size, int) or expert_batch_size < 1:
+    raise ValueError(f"expert_batch_size must be a positive int, got {expert_batch_size!r}")
+  res = _prune_experts_jit(
+      jnp.asarray(w),
+      jnp.asarray(hessians),
+      sparsity=float(sparsity),
+      n_m=None if n_m is None else tuple(int(v) for v in n_m),
+      block_size=block_size,
+      damp=float(damp),
+      batch_size=expert_batch_size,
+  )
+  failed = np.flatnonzero(~np.asarray(res.ok))
+  if failed.size:
+    raise ValueError(
+        f"hessians: SparseGPT's Cholesky failed at every damping for experts {failed.tolist()}"
+    )
+  return {"w": res.w, "mask": res.mask}
+
+
+def build_experts(
+    w: jax.Array,
+    x: jax.Array,
+    ids: jax.Array,
+    num_experts: int,
+    **prune_kw,
+) -> dict[str, jax.Array]:
+  """Expert bank for one linear from its calibration inputs and their routing.
+
+  Args:
+    w: [d_in, d_out] dense weight.
+    x: [tokens, d_in] calibration inputs of the layer.
+    ids: [tokens] int expert of each token (e.g. from `cluster.fit_router`).
+    num_experts: E.
+    **prune_kw: sparsity, n_m, block_size, damp, expert_batch_size (see `prune_experts`).
+
+  Returns:
+    {"w": [E, d_in, d_out], "mask": [E, d_in, d_out]}.
+  """
+  hessians = sparse.hessian_from_inputs(x, ids, num_groups=num_experts)
+  return prune_experts(w, hessians, **prune_kw)
+
+
+def expand_linear(
+    key: jax.Array,
+    w: jax.Array,
+    x: jax.Array,
+    num_experts: int,
+    *,
+    n_components: int | None = None,
+    n_restarts: int = 10,
+    max_iters: int = 100,
+    **prune_kw,
+) -> tuple[dict, jax.Array]:
+  """Sparse Expansion of one linear: router fitted on `x`, then one SparseGPT expert each.
+
+  Args:
+    key: PRNG key (k-means seeding).
+    w: [d_in, d_out] dense weight.
+    x: [tokens, d_in] calibration inputs.
+    num_experts: K (at most the number of tokens).
+    n_components, n_restarts, max_iters: see `cluster.fit_router`.
+    **prune_kw: see `prune_experts`.
+
+  Returns:
+    (layer, ids): layer = {"router": router, "w": [K, d_in, d_out], "mask": [K, d_in,
+    d_out]}; ids: [tokens] the calibration tokens' experts.
+  """
+  router, ids = cluster.fit_router(
+      key, x, num_experts, n_components=n_components, n_restarts=n_restarts,
+      max_iters=max_iters,
+  )
+  bank = build_experts(w, x, ids, num_experts, **prune_kw)
+  return {"router": router, **bank}, ids
+
+
+def _apply_xla(w, x, ids):
+  num_experts = w.shape[0]
+  order = jnp.argsort(ids, stable=True)
+  sizes = jnp.bincount(ids, length=num_experts).astype(jnp.int32)
+  y_sorted = jax.lax.ragged_dot(x[order], w, sizes)
+  return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+
+
+def _apply_onehot(w, x, ids):
+  y_all = jnp.einsum("ti,eio->teo", x, w)
+  return jnp.take_along_axis(y_all, ids[:, None, None], axis=1)[:, 0]
+
+
+def apply_experts(
+    w: jax.Array,
+    x: jax.Array,
+    ids: jax.Array,
+    *,
+    implementation: str = "xla",
+    block_mask=None,
+) -> jax.Array:
+  """y_t = x_t @ w[ids_t]: each token through its own expert.
+
+  Args:
+    w: [E, d_in, d_out] expert weights (zero off-mask).
+    x: [..., d_in] inputs.
+    ids: [...] int expert of each token, in [0, E).
+    implementation: one of IMPLEMENTATIONS (see the module docstring).
+    block_mask: for "kernel": `kernels_pallas.block_sparse.BlockSparseMask.from_masks(
+      masks)` built once on the host from the [E, d_in, d_out] masks.
+
+  Returns:
+    [..., d_out].
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if jnp.ndim(w) != 3 or jnp.shape(x)[-1] != jnp.shape(w)[1]:
+    raise ValueError(f"w must be [E, d_in, d_out] matching x [..., d_in]; got w "
+                     f"{jnp.shape(w)}, x {jnp.shape(x)}")
+  if jnp.shape(ids) != jnp.shape(x)[:-1]:
+    raise ValueError(f"ids must have shape {jnp.shape(x)[:-1]} (x without d_in), got "
+                     f"{jnp.shape(ids)}")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])
+  ids2 = ids.reshape(-1).astype(jnp.int32)
+  if implementation == "xla":
+    y = _apply_xla(w, x2, ids2)
+  elif implementation == "onehot":
+    y = _apply_onehot(w, x2, ids2)
+  else:
+    if block_mask is None:
+      raise ValueError('implementation="kernel" needs block_mask=BlockSparseMask.from_masks(...)')
+    # Imported here: the library works without the kernels package's backends.
+    from kernels_pallas.expert_matmul import expert_matmul
+
+    y = expert_matmul(x2, ids2, w, block_mask)
+  return y.reshape(*lead, w.shape[-1])
+
+
+def apply_expert_linear(layer: dict, x: jax.Array, **apply_kw) -> jax.Array:
+  """Routes `x: [..., d_in]` with `layer["router"]` and applies its experts: [..., d_out]."""
+  return apply_experts(layer["w"], x, cluster.route(layer["router"], x), **apply_kw)
+
+
+def expert_shardings(tree, mesh: Mesh):
+  """NamedShardings for a tree holding expert banks: w / mask leaves over `expert`."""
+  from fpe_jax import sharding
+
+  return sharding.tree_shardings(tree, mesh, EXPERT_BANK_RULES)
+
+
+def shard_experts(tree, mesh: Mesh):
+  """Places a tree holding expert banks on `mesh` (experts over `expert`, rest replicated)."""
+  return jax.device_put(tree, expert_shardings(tree, mesh))
+
+
+def apply_experts_sharded(mesh: Mesh, w: jax.Array, x: jax.Array, ids: jax.Array) -> jax.Array:
+  """Expert-parallel `apply_experts`: w sharded [E, ...] over `expert`, tokens replicated.
+
+  Each device sorts the tokens routed to its E / n local experts to the front, runs one
+  grouped matmul over them (other tokens fall past the groups and give zero rows), and a
+  psum over `expert` adds the devices' disjoint contributions.
+
+  Args:
+    mesh: a mesh with an `expert` axis whose size divides E.
+    w: [E, d_in, d_out].
+    x: [T, d_in].
+    ids: [T] int.
+
+  Returns:
+    [T, d_out], replicated.
+  """
+  if EXPERT_AXIS not in mesh.axis_names:
+    raise ValueError(f"mesh needs an {EXPERT_AXIS!r} axis, has {mesh.axis_names}")
+  n_shards = mesh.shape[EXPERT_AXIS]
+  if w.shape[0] % n_shards:
+    raise ValueError(f"w: {w.shape[0]} experts do not split over {n_shards} `expert` devices")
+
+  def local(w_local, x, ids):
+    num_local = w_local.shape[0]
+    offset = jax.lax.axis_index(EXPERT_AXIS) * num_local
+    local_ids = ids - offset
+    mine = (local_ids >= 0) & (local_ids < num_local)
+    order = jnp.argsort(jnp.where(mine, local_ids, num_local), stable=True)
+    sizes = jnp.bincount(jnp.where(mine, local_ids, num_local), length=num_local + 1)
+    y_sorted = jax.lax.ragged_dot(x[order], w_local, sizes[:num_local].astype(jnp.int32))
+    y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    y = jnp.where(mine[:, None], y, 0.0)
+    return jax.lax.psum(y, EXPERT_AXIS)
+
+  fn = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(expert_partition_spec(), PartitionSpec(), PartitionSpec()),
+      out_specs=PartitionSpec(),
+  )
+  return fn(w, x, ids.astype(jnp.int32))
+
+
+def expert_weighted_wasserstein(
+    y: jax.Array, ids: jax.Array, num_experts: int, wasserstein_fn=None
+) -> np.ndarray:
+  """Per-neuron Wasserstein distance to a Gaussian after expansion, weighted by expert load.
+
+  WD_j = sum_e (n_e / n) * WD(y_j restricted to the tokens of expert e), over experts with
+  at least two tokens (n counts those tokens). Runs on the host (clusters are ragged).
+
+  Args:
+    y: [tokens, neurons] outputs (pre-activations) of the expanded layer.
+    ids: [tokens] expert of each token.
+    num_experts: E.
+    wasserstein_fn: maps [tokens_e, neurons] to [neurons]; default
+      fpe_jax.metrics.wasserstein_to_gaussian.
+
+  Returns:
+    [neurons] float64.
+  """
+  wasserstein_fn = wasserstein_fn or jax.jit(metrics.wasserstein_to_gaussian)
+  y = np.asarray(y)
+  ids = np.asarray(ids).reshape(-1)
+  if ids.shape[0] != y.shape[0]:
+    raise ValueError(f"ids: {ids.shape[0]} ids for {y.shape[0]} tokens")
+  total = np.zeros(y.shape[1], np.float64)
+  weight = 0
+  for e in range(num_experts):
+    rows = np.flatnonzero(ids == e)
+    if rows.size < 2:
+      continue
+    total += rows.size * np.asarray(wasserstein_fn(jnp.asarray(y[rows])), np.float64)
+    weight += rows.size
+  if weight == 0:
+    raise ValueError("ids: no expert has two or more tokens")
+  return total / weight

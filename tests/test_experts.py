@@ -1,0 +1,160 @@
+"""Tests for fpe_jax.experts: per-cluster SparseGPT experts, routed apply, expert sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from fpe_jax import cluster, experts, metrics, sharding, sparse
+
+D_IN, D_OUT, E = 64, 24, 4
+
+
+def clustered_inputs(rng, per=80):
+  """Tokens from E clusters with different correlation structure (so Hessians differ)."""
+  xs, labels = [], []
+  for e in range(E):
+    mix = rng.normal(size=(D_IN, D_IN)) * rng.lognormal(0, 1.0, size=D_IN)
+    xs.append(rng.normal(size=(per, D_IN)) @ mix / np.sqrt(D_IN) + 6.0 * rng.normal(size=D_IN))
+    labels.append(np.full(per, e))
+  return np.concatenate(xs).astype(np.float32), np.concatenate(labels)
+
+
+@pytest.fixture(scope="module")
+def bank():
+  rng = np.random.default_rng(0)
+  x, labels = clustered_inputs(rng)
+  w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
+  layer, ids = experts.expand_linear(
+      jax.random.key(0), w, x, E, n_components=4, n_restarts=3, sparsity=0.6, block_size=32
+  )
+  return dict(x=x, labels=labels, w=w, layer=layer, ids=np.asarray(ids))
+
+
+def test_each_expert_is_sparsegpt_on_its_clusters_hessian(bank):
+  x, w, layer, ids = bank["x"], bank["w"], bank["layer"], bank["ids"]
+  assert layer["w"].shape == layer["mask"].shape == (E, D_IN, D_OUT)
+  for e in range(E):
+    xe = x[ids == e]
+    assert len(xe) > 0
+    want_w, want_mask = sparse.sparsegpt(
+        w, xe.T @ xe / len(xe), sparsity=0.6, block_size=32
+    )
+    np.testing.assert_allclose(layer["w"][e], want_w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(layer["mask"][e], want_mask)
+    assert np.all(np.asarray(layer["w"][e])[np.asarray(layer["mask"][e]) == 0] == 0)
+  # Experts differ, because their clusters' Hessians do.
+  assert not np.array_equal(layer["mask"][0], layer["mask"][1])
+
+
+def test_experts_reconstruct_better_than_one_sparsegpt(bank):
+  x, w, layer, ids = bank["x"], bank["w"], bank["layer"], bank["ids"]
+  single, _ = sparse.sparsegpt(w, sparse.hessian_from_inputs(x), sparsity=0.6, block_size=32)
+  y = x @ w
+  err_single = np.sum((y - x @ np.asarray(single)) ** 2)
+  err_experts = np.sum((y - np.asarray(experts.apply_experts(layer["w"], x, ids))) ** 2)
+  assert err_experts < err_single
+
+
+@pytest.mark.parametrize("implementation", ["xla", "onehot"])
+def test_apply_matches_a_per_token_loop(bank, implementation):
+  layer = bank["layer"]
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 7, D_IN)).astype(np.float32)
+  ids = rng.integers(0, E, size=(3, 7))
+  ids[0] = 2  # an expert with many tokens; some experts get none in a small batch
+  fn = jax.jit(lambda w, x, i: experts.apply_experts(w, x, i, implementation=implementation))
+  got = np.asarray(fn(layer["w"], x, ids))
+  w = np.asarray(layer["w"], np.float64)
+  want = np.zeros((3, 7, D_OUT))
+  for b in range(3):
+    for t in range(7):
+      want[b, t] = x[b, t].astype(np.float64) @ w[ids[b, t]]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_apply_expert_linear_routes_with_the_router(bank):
+  layer, x = bank["layer"], bank["x"]
+  got = experts.apply_expert_linear(layer, x[:50])
+  ids = cluster.route(layer["router"], x[:50])
+  np.testing.assert_array_equal(ids, bank["ids"][:50])
+  want = np.einsum("ti,tio->to", x[:50], np.asarray(layer["w"])[np.asarray(ids)])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_expert_axis_shards_and_expert_parallel_apply_matches(bank):
+  layer, x, ids = bank["layer"], bank["x"], bank["ids"]
+  assert len(jax.devices()) == 8
+  mesh = sharding.make_mesh({"data": 2, "expert": 4})
+  placed = experts.shard_experts(layer, mesh)
+  assert placed["w"].sharding.spec == experts.expert_partition_spec()
+  assert placed["mask"].sharding.spec == PartitionSpec("expert", None, None)
+  assert placed["router"]["centroids"].sharding.spec == PartitionSpec()
+  # One expert's weights per device along `expert`.
+  shard_shapes = {s.data.shape for s in placed["w"].addressable_shards}
+  assert shard_shapes == {(1, D_IN, D_OUT)}
+  want = np.asarray(experts.apply_experts(layer["w"], x, ids, implementation="onehot"))
+  got = jax.jit(lambda w, x, i: experts.apply_experts_sharded(mesh, w, x, i))(
+      placed["w"], x, jnp.asarray(ids)
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # Plain apply on sharded weights (XLA inserts the collectives) agrees too.
+  got = jax.jit(experts.apply_experts)(placed["w"], x, jnp.asarray(ids))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_empty_cluster_gives_an_all_zero_expert():
+  rng = np.random.default_rng(2)
+  x, _ = clustered_inputs(rng, per=20)
+  w = rng.normal(size=(D_IN, D_OUT)).astype(np.float32)
+  ids = np.zeros(len(x), np.int64)  # experts 1..3 get no tokens
+  bank = experts.build_experts(w, x, ids, E, sparsity=0.5, block_size=32)
+  assert np.asarray(bank["w"][1:]).max() == 0 and np.asarray(bank["w"][1:]).min() == 0
+  want, _ = sparse.sparsegpt(w, sparse.hessian_from_inputs(x), sparsity=0.5, block_size=32)
+  np.testing.assert_allclose(bank["w"][0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_expert_pruning_equals_sequential(bank):
+  x, w, ids = bank["x"], bank["w"], bank["ids"]
+  hs = sparse.hessian_from_inputs(x, ids, num_groups=E)
+  b = experts.prune_experts(w, hs, sparsity=0.6, block_size=32, expert_batch_size=E)
+  np.testing.assert_allclose(bank["layer"]["w"], b["w"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(bank["layer"]["mask"], b["mask"])
+
+
+def test_expert_weighted_wasserstein_matches_manual_average():
+  rng = np.random.default_rng(3)
+  # Bimodal neurons; expert 0 gets one mode, expert 1 the other, expert 2 nothing.
+  y = np.concatenate([rng.normal(-6, 1, size=(60, 5)), rng.normal(6, 1, size=(40, 5))])
+  y = y.astype(np.float32)
+  ids = np.array([0] * 60 + [1] * 40)
+  got = experts.expert_weighted_wasserstein(y, ids, 3)
+  wd = jax.jit(metrics.wasserstein_to_gaussian)
+  per_expert = [np.asarray(wd(jnp.asarray(part))) for part in (y[:60], y[60:])]
+  np.testing.assert_allclose(got, (60 * per_expert[0] + 40 * per_expert[1]) / 100, rtol=1e-6)
+  # Routing by mode leaves each expert a Gaussian: far closer than the bimodal whole.
+  whole = np.asarray(wd(jnp.asarray(y)))
+  assert (got < 0.5 * whole).all()
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda b: experts.apply_experts(b["w"], b["x"], b["ids"], implementation="gpu"),
+         "implementation"),
+        (lambda b: experts.apply_experts(b["w"], b["x"], b["ids"][:-1]), "ids must"),
+        (lambda b: experts.apply_experts(b["w"], b["x"], b["ids"], implementation="kernel"),
+         "block_mask"),
+        (lambda b: experts.prune_experts(b["w0"], np.ones((2, 3, 3))), "hessians"),
+        (lambda b: experts.prune_experts(b["w0"], np.ones((2, D_IN, D_IN)), sparsity=1.2),
+         "sparsity"),
+        (lambda b: experts.expand_linear(jax.random.key(0), b["w0"], b["x"][:3], 4),
+         "num_experts=4 exceeds"),
+    ],
+)
+def test_bad_arguments_raise_one_line_errors(bank, call, match):
+  args = dict(w=bank["layer"]["w"], x=bank["x"], ids=bank["ids"], w0=bank["w"])
+  with pytest.raises(ValueError, match=match) as info:
+    call(args)
+  assert "\n" not in str(info.value)
