@@ -1,0 +1,88 @@
+"""The Boolean binary end to end, in subprocesses: bad flags, a finished run, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--d=12", "--k=3", "--clauses=3", "--neurons=4", "--alphas=2",
+        "--splits=dense,random,clause", "--seeds=2", "--train_size=256", "--test_size=256",
+        "--batch_size=32", "--warmup_steps=100", "--steps=1200", "--chunk_steps=100"]
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)  # one device, like a user's laptop run
+  return env
+
+
+def _run(args, workdir, **kw):
+  return subprocess.run([sys.executable, "-m", "experiments.boolean", f"--workdir={workdir}",
+                         *args], cwd=ROOT, env=_env(), capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--splits=dense,bogus"], "--splits"),
+    (["--alphas=1"], "--alphas"),
+    (["--layer=3"], "--layer"),
+    (["--d=8", "--k=9"], "--k"),
+    (["--flagfile=experiments/flags/no_such.flags"], "no_such.flags"),
+    (["--steps=1050"], "--steps"),
+])
+def test_bad_flags_fail_on_one_line_and_write_nothing(tmp_path, args, flag):
+  workdir = tmp_path / "runs"
+  result = _run(TINY + args, workdir)
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith("error: ") and flag in lines[0], lines[0]
+  assert not workdir.exists()
+
+
+def _results_without_flags(workdir, name):
+  with open(os.path.join(workdir, "boolean", name, "results.json")) as f:
+    results = json.load(f)
+  results.pop("flags")
+  return results
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+  killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+  log = killed_dir / "boolean" / "tiny" / "metrics.jsonl"
+  args = TINY + ["--run_name=tiny"]
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.boolean",
+                           f"--workdir={killed_dir}", *args], cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  # Kill once the FPE phase (after warm-up and dense) has logged a few chunks.
+  while time.time() < deadline and proc.poll() is None:
+    if log.exists() and sum('"h4_alpha2"' in line for line in log.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (killed_dir / "boolean" / "tiny" / "results.json").exists()
+
+  resumed = _run(args, killed_dir, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "(resuming)" in resumed.stdout
+  clean = _run(args, clean_dir, timeout=600)
+  assert clean.returncode == 0, clean.stderr[-2000:]
+  assert _results_without_flags(killed_dir, "tiny") == _results_without_flags(clean_dir, "tiny")
+  # The log holds each chunk once, as an uninterrupted run's does.
+  steps = [(r["phase"], r["step"]) for r in map(json.loads, log.read_text().splitlines())]
+  assert len(steps) == len(set(steps))
+
+  # A finished run is not overwritten silently.
+  before = (clean_dir / "boolean" / "tiny" / "results.json").read_text()
+  again = _run(args, clean_dir)
+  assert again.returncode != 0 and "--overwrite" in again.stderr
+  assert (clean_dir / "boolean" / "tiny" / "results.json").read_text() == before
+  for plot in ("accuracy_vs_clauses.png", "accuracy_vs_neurons.png", "metrics_vs_gain.png"):
+    assert (clean_dir / "boolean" / "tiny" / "plots" / plot).stat().st_size > 1000
