@@ -47,8 +47,11 @@ DEFAULT_STEP_FRACTION = 0.2  # PGD step = eps / 5 unless given
 def validate(*, eps: float | None = None, attack: str | None = None, loss: str | None = None,
              target: str | None = None, steps: int | None = None,
              restarts: int | None = None) -> None:
-  """Raises a one-line ValueError naming the first invalid argument given."""
-  if eps is not None and not eps >= 0:
+  """Raises a one-line ValueError naming the first invalid argument given.
+
+  Traced values (eps inside jit) are not checked: their value is unknown at trace time.
+  """
+  if isinstance(eps, int | float) and not eps >= 0:
     raise ValueError(f"eps={eps} must be >= 0")
   if attack is not None and attack not in ATTACKS:
     raise ValueError(f"attack={attack!r} is not one of {list(ATTACKS)}")

@@ -477,3 +477,31 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     return TrainState(params, opt_state, state.step + 1), metrics
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_train_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                     batch_size: int, steps: int) -> Callable[..., tuple[TrainState, dict]]:
+  """`steps` optimisation steps in one `lax.scan`: (state, x, labels, key) -> (state, metrics).
+
+  Minibatch t is drawn uniformly with replacement from (x [n, ...], labels [n]) with
+  `fold_in(key, state.step)`, so training is a pure function of (state, data, key) and a run
+  resumed from a checkpoint takes exactly the steps an uninterrupted one would. Metrics are
+  means over the chunk. Unjitted: jit it (donating the state).
+  """
+  if batch_size < 1 or steps < 1:
+    raise ValueError(f"batch_size={batch_size} and steps={steps} must be >= 1")
+
+  def one_step(state: TrainState, x, labels, key):
+    index = jax.random.randint(jax.random.fold_in(key, state.step), (batch_size,), 0, x.shape[0])
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, x[index], labels[index])
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return TrainState(optax.apply_updates(state.params, updates), opt_state,
+                      state.step + 1), metrics
+
+  def chunk(state: TrainState, x, labels, key):
+    state, metrics = jax.lax.scan(lambda s, _: one_step(s, x, labels, key), state, None,
+                                  length=steps)
+    return state, jax.tree.map(jnp.mean, metrics)
+
+  return chunk

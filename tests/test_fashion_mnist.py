@@ -1,0 +1,59 @@
+"""Fashion-MNIST and MNIST-5k loaders on the installed data; missing data names the command."""
+
+import gzip
+
+import numpy as np
+import pytest
+
+from fpe_jax.data import fashion_mnist, mnist5k
+
+
+def test_fashion_mnist_splits():
+  for split, count in (("train", 60000), ("test", 10000)):
+    images, labels = fashion_mnist.load_fashion_mnist(split)
+    assert images.shape == (count, 28, 28, 1) and images.dtype == np.float32
+    assert labels.shape == (count,) and labels.dtype == np.int32
+    assert images.min() == 0.0 and images.max() == 1.0
+    np.testing.assert_array_equal(np.bincount(labels), [count // 10] * 10)
+    if split == "train":
+      # The in-model normalisation constants are these pixel statistics.
+      assert abs(images.mean() - fashion_mnist.PIXEL_MEAN) < 1e-3
+      assert abs(images.std() - fashion_mnist.PIXEL_STD) < 1e-3
+
+
+def test_fashion_mnist_reads_idx_format(tmp_path):
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, size=(10000, 28, 28), dtype=np.uint8)
+  labels = rng.integers(0, 10, size=10000, dtype=np.uint8)
+  with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+    f.write((2051).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (10000, 28, 28))
+            + pixels.tobytes())
+  with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+    f.write((2049).to_bytes(4, "big") + (10000).to_bytes(4, "big") + labels.tobytes())
+  images, got = fashion_mnist.load_fashion_mnist("test", root=tmp_path)
+  np.testing.assert_array_equal(images[..., 0], pixels / np.float32(255))
+  np.testing.assert_array_equal(got, labels)
+
+
+def test_missing_data_names_the_install_command(tmp_path):
+  with pytest.raises(FileNotFoundError, match="bash scripts/install_data.sh"):
+    fashion_mnist.load_fashion_mnist("train", root=tmp_path)
+  with pytest.raises(FileNotFoundError, match="bash scripts/install_data.sh"):
+    mnist5k.load_mnist5k(path=tmp_path / "absent.csv.gz")
+  with pytest.raises(ValueError, match="split='val' is not one of"):
+    fashion_mnist.load_fashion_mnist("val")
+
+
+def test_mnist5k_stratified_split():
+  images, labels = mnist5k.load_mnist5k("all")
+  assert images.shape == (5000, 28, 28, 1) and images.dtype == np.float32
+  assert 0.0 <= images.min() and images.max() <= 1.0
+  train_x, train_y = mnist5k.load_mnist5k("train", test_per_class=100)
+  test_x, test_y = mnist5k.load_mnist5k("test", test_per_class=100)
+  assert len(train_y) == 4000 and len(test_y) == 1000
+  np.testing.assert_array_equal(np.bincount(test_y), [100] * 10)
+  # The two splits partition the file.
+  assert len({x.tobytes() for x in np.concatenate([train_x, test_x])}) == len(
+      {x.tobytes() for x in images})
+  with pytest.raises(ValueError, match="test_per_class=0"):
+    mnist5k.load_mnist5k("test", test_per_class=0)
