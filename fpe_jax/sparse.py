@@ -533,7 +533,11 @@ def sparsegpt(
       damp_growth=damp_growth,
       max_damp_tries=max_damp_tries,
   )
-  if not isinstance(res.ok, jax.core.Tracer) and not bool(res.ok):
+  try:
+    failed = not bool(res.ok)
+  except jax.errors.ConcretizationTypeError:
+    failed = False  # traced inside a caller's jit/vmap: the caller checks sparsegpt_with_info
+  if failed:
     raise ValueError(
         f"h: Cholesky factorisation failed for every damping up to {float(res.damp):g} "
         f"(max_damp_tries={max_damp_tries}); h must be symmetric positive semi-definite"
