@@ -1,0 +1,147 @@
+"""Sparse Expansion pipeline: block-by-block compression on a small random Llama (the
+mechanics), routed experts against a per-token reference, and bad input of the binaries."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fpe_jax import sparse
+from fpe_jax import sparse_expansion as se
+from fpe_jax.metrics import wasserstein_to_gaussian
+from fpe_jax.models import llama
+
+CFG = llama.LlamaConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=128, rope_base=1e4)
+
+
+def _params(key):
+  keys = iter(jax.random.split(key, 16))
+  shapes = {"wq": (64, 64), "wk": (64, 32), "wv": (64, 32), "wo": (64, 64),
+            "w_gate": (64, 128), "w_up": (64, 128), "w_down": (128, 64)}
+  blocks = {k: jax.random.normal(next(keys), (2, *s)) / np.sqrt(s[0]) for k, s in shapes.items()}
+  blocks["attn_norm"] = 1 + 0.1 * jax.random.normal(next(keys), (2, 64))
+  blocks["ffn_norm"] = 1 + 0.1 * jax.random.normal(next(keys), (2, 64))
+  return {"embed": jax.random.normal(next(keys), (96, 64)), "final_norm": jnp.ones(64),
+          "blocks": blocks}
+
+
+@pytest.fixture(scope="module")
+def setup():
+  params = _params(jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (12, 16), 0, 96)
+  return params, tokens[:8], tokens[8:]
+
+
+def test_dense_pipeline_matches_full_forward(setup):
+  params, calib, held_out = setup
+  result = se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out,
+                           se.CompressionConfig(method="dense"), batch_size=3)
+  np.testing.assert_allclose(result.perplexity, llama.perplexity(CFG, params, held_out),
+                             rtol=1e-5)
+
+
+def test_sequential_calibration_sees_compressed_earlier_blocks(setup):
+  params, calib, held_out = setup
+  cfg = se.CompressionConfig(method="sparsegpt", sparsity=0.5)
+  seen = {}
+  ffns = {}
+
+  def hook(layer, block, x, ffn, info):
+    seen[layer], ffns[layer] = np.asarray(x), ffn
+    return {"layer": layer}
+
+  result = se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg, batch_size=5,
+                           layer_hook=hook)
+  assert [r["layer"] for r in result.layers] == [0, 1]
+  # Block 1's calibration input is block 0 with ITS COMPRESSED FFN.
+  b0, b1 = llama.block_params(params, 0), llama.block_params(params, 1)
+  h = llama.attention_sublayer(CFG, b0, llama.embed(params, calib))
+  h = h + se.ffn_apply(ffns[0], llama.ffn_input(CFG, b0, h))
+  x1 = llama.ffn_input(CFG, b1, llama.attention_sublayer(CFG, b1, h))
+  np.testing.assert_allclose(seen[1], np.asarray(x1).reshape(-1, 64), rtol=1e-4, atol=1e-5)
+  # Block 0's FFN is SparseGPT on the Hessian of its calibration inputs.
+  want, _ = sparse.sparsegpt(b0["w_gate"], sparse.hessian_from_inputs(seen[0]), sparsity=0.5)
+  np.testing.assert_allclose(ffns[0]["w_gate"]["w"][0], want, rtol=1e-5, atol=1e-6)
+  # Held-out perplexity = a full forward with the compressed weights substituted.
+  pruned = jax.tree.map(lambda a: a, params)
+  for name in se.FFN_MATRICES:
+    pruned["blocks"][name] = jnp.stack([ffns[i][name]["w"][0] for i in range(2)])
+  np.testing.assert_allclose(result.perplexity, llama.perplexity(CFG, pruned, held_out),
+                             rtol=1e-4)
+
+
+def test_expert_ffn_matches_per_token_reference(setup):
+  params, calib, _ = setup
+  block = llama.block_params(params, 0)
+  x = jax.random.normal(jax.random.key(2), (128, 64))
+  cfg = se.CompressionConfig(method="sparse_expansion", sparsity=0.5, num_experts=3,
+                             kmeans_restarts=2, kmeans_iters=10)
+  ffn, info = se.compress_ffn_experts(jax.random.key(3), block, x, cfg)
+  assert ffn["w_gate"]["w"].shape == (3, 64, 128) and ffn["w_down"]["w"].shape == (3, 128, 64)
+  ids_in = np.asarray(info["ids_in"])
+  # Routing the calibration tokens reproduces their k-means clusters.
+  np.testing.assert_array_equal(np.asarray(se.cluster.route(ffn["router_in"], x)), ids_in)
+  w = jax.tree.map(np.asarray, ffn)
+  xn = np.asarray(x, np.float64)
+  rows = np.arange(128)
+  g = np.einsum("td,tdf->tf", xn, w["w_gate"]["w"][ids_in])
+  u = np.einsum("td,tdf->tf", xn, w["w_up"]["w"][ids_in])
+  inter = g / (1 + np.exp(-g)) * u
+  ids_mid = np.asarray(se.cluster.route(ffn["router_mid"], jnp.asarray(inter, jnp.float32)))
+  ref = [inter[t] @ w["w_down"]["w"][ids_mid[t]] for t in rows]
+  np.testing.assert_allclose(se.ffn_apply(ffn, x), np.stack(ref), rtol=1e-4, atol=1e-4)
+  # Each expert is SparseGPT of the dense weights on its own cluster's Hessian.
+  for k in range(3):
+    want, _ = sparse.sparsegpt(block["w_up"], sparse.hessian_from_inputs(x[ids_in == k]),
+                               sparsity=0.5)
+    np.testing.assert_allclose(ffn["w_up"]["w"][k], want, rtol=1e-4, atol=1e-5)
+
+
+def test_neuron_selection_prunes_only_selected_neurons(setup):
+  params, _, _ = setup
+  block = llama.block_params(params, 0)
+  x = jax.random.normal(jax.random.key(4), (256, 64))
+  cfg = se.CompressionConfig(method="magnitude", sparsity=0.9, neuron_selection="wasserstein",
+                             neuron_fraction=0.1)
+  ffn, info = se.compress_ffn_single(jax.random.key(0), block, x, cfg)
+  sel = info["w_up"]
+  wd = np.asarray(wasserstein_to_gaussian(x @ block["w_up"]))
+  assert set(sel) == set(np.argsort(wd)[-13:])  # ceil(0.1 * 128) highest WD
+  w = np.asarray(ffn["w_up"]["w"][0])
+  rest = np.setdiff1d(np.arange(128), sel)
+  np.testing.assert_array_equal(w[:, rest], np.asarray(block["w_up"])[:, rest])
+  assert np.mean(w[:, sel] == 0) == pytest.approx(0.9, abs=0.01)
+
+
+def test_bad_configs_name_the_argument():
+  with pytest.raises(ValueError, match="sparsity"):
+    se.CompressionConfig(sparsity=1.0)
+  with pytest.raises(ValueError, match="n_m"):
+    se.CompressionConfig(n_m=(4, 4))
+  with pytest.raises(ValueError, match="method"):
+    se.CompressionConfig(method="obs")
+  with pytest.raises(ValueError, match="num_experts"):
+    se.check_calibration_size(100, 8)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--sparsities=1.2"], "--sparsities"),
+    (["--n_m=4:2"], "--n_m"),
+    (["--num_experts=64", "--calib_windows=1", "--calib_window=64"], "--num_experts"),
+    (["--model_path=/nonexistent/model.gguf"], "--model_path"),
+])
+def test_binary_bad_input_exits_with_one_line_and_writes_nothing(tmp_path, args, flag):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.sparse_expansion", f"--workdir={tmp_path}", *args],
+      capture_output=True, text=True, env=env, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode != 0
+  lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+  assert flag in lines[-1], proc.stderr
+  assert list(tmp_path.iterdir()) == []
