@@ -53,8 +53,8 @@ flags.DEFINE_integer("chunk_steps", 1000,
 flags.DEFINE_enum("bias", "copy", fpe.BIAS_MODES, "Child biases.")
 flags.DEFINE_enum("budget", "global", fpe.BUDGET_MODES, "Budget-restoring prune.")
 flags.DEFINE_enum("matmul", "xla", ("xla", "pallas"),
-                  "Masked matmul of expanded layers: XLA dense-masked, or the block-sparse "
-                  "Pallas kernel (interpret mode on CPU).")
+                  "Masked matmuls of the FPE arms: XLA (w * mask), or the block-sparse Pallas "
+                  "kernel (kernels_pallas; interpret mode on CPU, for checking only).")
 
 
 def _int_list(values):
@@ -174,9 +174,15 @@ class Trainer:
     self.done_steps = 0
     self.optimizer = make_optimizer()
 
-  def train(self, phase: str, state: train.TrainState, points, keys, end_step: int):
-    """Trains a stacked state from its step to `end_step`, resuming from checkpoints."""
+  def train(self, phase: str, state: train.TrainState, points, keys, end_step: int,
+            kernel: bool = False):
+    """Trains a stacked state from its step to `end_step`, resuming from checkpoints.
+
+    With `kernel`, the weight masks (fixed during the phase) are turned once into
+    block-sparse kernel masks for the jitted chunks; checkpoints keep the plain masks.
+    """
     x, y, _, _ = stacked_data(points)
+    plain_masks = state.masks
     store = checkpoint.Checkpoints(os.path.join(self.run_dir.checkpoints, phase))
     first = int(state.step[0])
     start = store.latest_step() or first
@@ -184,6 +190,8 @@ class Trainer:
       state = store.restore(start, state)
       self.run_dir.drop_logs_after(lambda r: r.get("phase") != phase or r["step"] <= start)
     self.done_steps += start - first
+    if kernel:
+      state = state._replace(masks=kernel_masks(plain_masks))
     state = jax.tree.map(jnp.copy, state)  # the chunks donate their input: keep the caller's
     chunk = min(FLAGS.chunk_steps, end_step - first)
     chunk_fn = train_program(chunk)
@@ -195,10 +203,19 @@ class Trainer:
       self.run_dir.log({"phase": phase, "step": step, "runs": len(points),
                         "loss_mean": float(loss.mean()), "loss_max": float(loss.max()),
                         "seconds": round(time.perf_counter() - t0, 3)})
-      store.save(step, state)
+      store.save(step, state._replace(masks=plain_masks))
       self.progress.update(self.done_steps, f"[{phase} loss {loss.mean():.4f}]")
     store.close()
-    return state
+    return state._replace(masks=plain_masks)
+
+
+def kernel_masks(masks: nn.Masks) -> nn.Masks:
+  """Run-stacked weight masks as block-sparse kernel masks (host-side metadata, once)."""
+  from kernels_pallas.block_sparse import BlockSparseMask
+
+  return {name: {**m, "w": BlockSparseMask.from_masks(np.asarray(m["w"]),
+                                                      implementation="pallas")}
+          for name, m in masks.items()}
 
 
 def init_states(optimizer, params, masks):
@@ -246,7 +263,7 @@ def train_width(trainer: Trainer, cfg: Config, width: int) -> list[dict]:
     arm_points = [points[i] for _, i in arms]
     arm_keys = jnp.stack([keys[i] for _, i in arms])
     state = trainer.train(f"h{width}_alpha{alpha}", state, arm_points, arm_keys,
-                          FLAGS.warmup_steps + FLAGS.steps)
+                          FLAGS.warmup_steps + FLAGS.steps, kernel=FLAGS.matmul == "pallas")
     for split in cfg.fpe_splits:
       idx = [j for j, (sp, _) in enumerate(arms) if sp == split]
       sub = jax.tree.map(lambda a, idx=idx: a[np.asarray(idx)], state)

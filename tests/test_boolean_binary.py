@@ -86,3 +86,18 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
   assert (clean_dir / "boolean" / "tiny" / "results.json").read_text() == before
   for plot in ("accuracy_vs_clauses.png", "accuracy_vs_neurons.png", "metrics_vs_gain.png"):
     assert (clean_dir / "boolean" / "tiny" / "plots" / plot).stat().st_size > 1000
+
+
+def test_pallas_matmul_trains_like_xla(tmp_path):
+  """--matmul=pallas runs the FPE arms on the block-sparse kernel (interpret mode here)."""
+  args = TINY + ["--splits=random", "--steps=300", "--run_name=tiny"]
+  results = {}
+  for matmul in ("xla", "pallas"):
+    run = _run(args + [f"--matmul={matmul}"], tmp_path / matmul, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results[matmul] = _results_without_flags(tmp_path / matmul, "tiny")["points"]
+  for a, b in zip(results["xla"], results["pallas"], strict=True):
+    assert a["split"] == b["split"]
+    assert a["accuracy"]["per_seed"] == pytest.approx(b["accuracy"]["per_seed"], abs=1e-6)
+    assert a["capacity"]["mean"] == pytest.approx(b["capacity"]["mean"], rel=1e-4)
+

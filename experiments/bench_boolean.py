@@ -1,0 +1,93 @@
+"""Benchmark: S seeds vmapped into one jitted program vs S sequential runs, same work.
+
+  python -m experiments.bench_boolean [--seeds=8 --steps=20000]
+
+All sides train the headline Boolean MLP (d=64, 8 hidden neurons, batch 64) for the same
+number of steps per seed, in the same process. Two sequential baselines:
+  - "separate runs": each run traces and compiles its own program, as a Python loop
+    over runs does when each run builds its step function (end to end, compile included);
+  - "one program reused": the S runs share one compiled program, called S times
+    (steady state, compile excluded).
+The vmapped program is timed end to end (its one compile included) and in steady state.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from fpe_jax import nn, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("seeds", 8, "Runs to train.")
+flags.DEFINE_integer("steps", 20000, "Steps per run (the paper flagfile's --steps).")
+flags.DEFINE_integer("d", 64, "Input width.")
+flags.DEFINE_integer("neurons", 8, "Hidden width.")
+flags.DEFINE_integer("batch_size", 64, "Minibatch size.")
+flags.DEFINE_integer("repeats", 3, "Timed repetitions; the best is reported.")
+
+
+def _best_time(fn, repeats):
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def main(argv):
+  del argv
+  optimizer = train.make_optimizer("adam", 1e-3)
+  chunk = train.make_train_chunk(nn.apply_mlp, train.sigmoid_bce, optimizer,
+                                 batch_size=FLAGS.batch_size, steps=FLAGS.steps)
+  states = [train.init_state(p, nn.full_masks(p), optimizer)
+            for p in (nn.init_mlp(jax.random.key(s), [FLAGS.d, FLAGS.neurons, 1])
+                      for s in range(FLAGS.seeds))]
+  xs = [jax.random.bernoulli(jax.random.key(100 + s), 0.5, (4096, FLAGS.d)).astype(jnp.float32)
+        for s in range(FLAGS.seeds)]
+  ys = [(x[:, 0] * x[:, 1] > 0).astype(jnp.int32) for x in xs]
+  keys = [jax.random.key(200 + s) for s in range(FLAGS.seeds)]
+  stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+  batched_args = (stack(states), stack(xs), stack(ys), stack(keys))
+
+  def separate_runs():
+    out = []
+    for s in range(FLAGS.seeds):
+      fresh = train.make_train_chunk(nn.apply_mlp, train.sigmoid_bce, optimizer,
+                                     batch_size=FLAGS.batch_size, steps=FLAGS.steps)
+      out.append(jax.block_until_ready(jax.jit(fresh)(states[s], xs[s], ys[s], keys[s])))
+    return out
+
+  def vmapped_end_to_end():
+    fresh = train.make_train_chunk(nn.apply_mlp, train.sigmoid_bce, optimizer,
+                                   batch_size=FLAGS.batch_size, steps=FLAGS.steps)
+    return jax.jit(jax.vmap(fresh))(*batched_args)
+
+  one = jax.jit(chunk)
+  many = jax.jit(jax.vmap(chunk))
+  jax.block_until_ready(one(states[0], xs[0], ys[0], keys[0]))
+  jax.block_until_ready(many(*batched_args))
+  timings = {
+      "sequential, separate runs (compile each)": _best_time(separate_runs, 1),
+      "vmapped, end to end (one compile)": _best_time(vmapped_end_to_end, 1),
+      "sequential, one program reused": _best_time(
+          lambda: [one(states[s], xs[s], ys[s], keys[s]) for s in range(FLAGS.seeds)],
+          FLAGS.repeats),
+      "vmapped, steady state": _best_time(lambda: many(*batched_args), FLAGS.repeats),
+  }
+  total = FLAGS.seeds * FLAGS.steps
+  print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
+        f"{FLAGS.seeds} runs x {FLAGS.steps} steps, MLP [{FLAGS.d}, {FLAGS.neurons}, 1], "
+        f"batch {FLAGS.batch_size}")
+  for name, seconds in timings.items():
+    print(f"  {name:42s} {seconds:8.3f} s  {total / seconds:12,.0f} run-steps/s")
+  t = list(timings.values())
+  print(f"end to end:   vmapped is {t[0] / t[1]:.1f}x faster than {FLAGS.seeds} separate runs")
+  print(f"steady state: vmapped is {t[2] / t[3]:.1f}x faster than one program reused "
+        f"{FLAGS.seeds} times")
+
+
+if __name__ == "__main__":
+  app.run(main)
