@@ -307,7 +307,8 @@ def summarize(records: list[dict]) -> dict:
   dense = {(h, c): {r["seed"]: r for r in rs}
            for (h, c, sp, _), rs in groups.items() if sp == "dense"}
   points = []
-  for (h, c, split, alpha), rs in sorted(groups.items()):
+  order = lambda item: (item[0][0], item[0][1], SPLIT_CHOICES.index(item[0][2]), item[0][3])
+  for (h, c, split, alpha), rs in sorted(groups.items(), key=order):
     rs = sorted(rs, key=lambda r: r["seed"])
     point = {"neurons": h, "clauses": c, "split": split, "alpha": alpha,
              "seeds": [r["seed"] for r in rs], "nonzero": rs[0]["nonzero"]}
