@@ -1,2 +1,23 @@
-"""fpe_jax: disentangling neural representations in JAX, as pure functions over pytrees."""
-from fpe_jax import cluster, experts, sparse  # noqa: F401  (paper 2: pruning, routing, experts)
+"""fpe_jax: disentangling neural representations in JAX, as pure functions over pytrees.
+
+Paper 1 (FPE): `nn`, `fpe`, `metrics`, `tasks.boolean`, `train`.
+Paper 2 (Sparse Expansion, Wasserstein neurons): `sparse`, `cluster`, `experts`,
+`sparse_expansion`, `metrics.wasserstein_to_gaussian`, `models.llama`.
+Paper 3 (NCEn): `ensemble`, `attacks`, `models.cnn`.
+Shared: `sharding` (meshes), `checkpoint` (orbax), `data` (packaged data loaders).
+"""
+
+from fpe_jax import (  # noqa: F401
+    attacks,
+    checkpoint,
+    cluster,
+    ensemble,
+    experts,
+    fpe,
+    metrics,
+    nn,
+    sharding,
+    sparse,
+    train,
+)
+from fpe_jax.tasks import boolean  # noqa: F401
