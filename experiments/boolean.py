@@ -400,10 +400,9 @@ def main(argv):
     dnf.sample_formula(run_key(c, 0), d=FLAGS.d, n_clauses=c, k=FLAGS.k)
   run_dir = common.RunDir("boolean", __name__).open()
   print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""))
-  phases_per_width = (FLAGS.warmup_steps + ("dense" in FLAGS.splits)
-                      * (FLAGS.warmup_steps + FLAGS.steps)
-                      + bool(cfg.fpe_splits) * len(cfg.alphas) * FLAGS.steps)
-  trainer = Trainer(run_dir, phases_per_width * len(cfg.neurons))
+  arms_per_width = ("dense" in FLAGS.splits) + bool(cfg.fpe_splits) * len(cfg.alphas)
+  steps_per_width = FLAGS.warmup_steps + arms_per_width * FLAGS.steps
+  trainer = Trainer(run_dir, steps_per_width * len(cfg.neurons))
   t0 = time.perf_counter()
   records = []
   for width in cfg.neurons:
