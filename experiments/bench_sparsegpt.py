@@ -12,6 +12,14 @@ matmul. Both choose the same masks (per block, from the same weights), so the ou
 agree; the maximum difference is printed. Times are the median of --repeats calls after a
 compiling call; ratio = naive / lazy. Weights and inputs are random (speed does not depend
 on their values): inputs are correlated activation-like features, --tokens of them.
+
+With --recon_layers (e.g. 3,15,29), it also prints the layer reconstruction error of each
+method on REAL activations of SmolLM2-135M (needs `bash scripts/install_data.sh`): the dense
+model runs --recon_windows random Austen calibration windows (seed --seed) up to each chosen
+block; gate_proj [576, 1536] is pruned with the Hessian of its input and down_proj
+[1536, 576] with that of the dense intermediate, and the relative error
+||XW - XW'||^2 / ||XW||^2 is printed on those calibration tokens and on as many held-out
+tokens (the evaluation novel).
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ _SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Unstructured sparsity in [0, 1)
 _BLOCK = flags.DEFINE_integer("block_size", 128, "SparseGPT column block.")
 _TOKENS = flags.DEFINE_integer("tokens", 4096, "Calibration tokens behind the Hessian.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls; the median is reported.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights and inputs.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights, inputs and windows.")
+_RECON_LAYERS = flags.DEFINE_list("recon_layers", [], "SmolLM2 blocks for the error table.")
+_RECON_WINDOWS = flags.DEFINE_integer("recon_windows", 8, "Calibration windows (error table).")
+_RECON_WINDOW = flags.DEFINE_integer("recon_window", 256, "Tokens per window (error table).")
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
@@ -104,6 +115,57 @@ def _bench_shape(d_in, d_out, rng):
   return t_lazy, t_naive, float(jnp.max(jnp.abs(lazy() - naive())))
 
 
+def _relative_error(x, w, w_pruned):
+  y = x @ w
+  return float(jnp.sum((y - x @ w_pruned) ** 2) / jnp.sum(y**2))
+
+
+def _recon_table(layers):
+  """Prints the per-method reconstruction errors on real SmolLM2 activations."""
+  # Imported here: only this option needs the model and the text.
+  from fpe_jax.data import austen, gguf_loader
+  from fpe_jax.models import llama
+
+  ckpt = gguf_loader.load_llama_gguf()
+  cfg, params = ckpt.config, jax.tree.map(jnp.asarray, ckpt.params)
+  if not all(0 <= layer < cfg.n_layers for layer in layers):
+    raise app.UsageError(f"--recon_layers must be in [0, {cfg.n_layers}), got {layers}")
+  calib, held_out = austen.calibration_and_eval_windows(
+      lambda text: ckpt.tokenizer.encode(text).ids, calib_windows=_RECON_WINDOWS.value,
+      calib_window=_RECON_WINDOW.value, eval_window=_RECON_WINDOW.value,
+      eval_windows=_RECON_WINDOWS.value, seed=_SEED.value)
+  configs = [("50%", dict(sparsity=0.5)), ("70%", dict(sparsity=0.7)), ("2:4", dict(n_m=(2, 4)))]
+  print(f"relative layer error ||XW - XW'||^2 / ||XW||^2, {calib.size} calibration tokens "
+        f"(calib) and {held_out.size} held-out tokens (eval)")
+  print(f"{'layer':>5} {'matrix':>6} {'pattern':>7} {'method':>10} {'calib':>9} {'eval':>9}")
+  block_fn = jax.jit(lambda block, h: llama.block_apply(cfg, block, h))
+  attn_fn = jax.jit(lambda block, h: llama.attention_sublayer(cfg, block, h))
+  h_cal, h_eval = llama.embed(params, calib), llama.embed(params, held_out)
+  done = 0
+  for layer in sorted(layers):
+    for i in range(done, layer):
+      block = llama.block_params(params, i)
+      h_cal, h_eval = block_fn(block, h_cal), block_fn(block, h_eval)
+    done = layer
+    block = llama.block_params(params, layer)
+    x_cal, x_eval = (
+        llama.ffn_input(cfg, block, attn_fn(block, h)).reshape(-1, cfg.d_model)
+        for h in (h_cal, h_eval))
+    inter = lambda x, b=block: llama.swiglu(x @ b["w_gate"], x @ b["w_up"])  # noqa: E731
+    for name, w, xc, xe in (("gate", block["w_gate"], x_cal, x_eval),
+                            ("down", block["w_down"], inter(x_cal), inter(x_eval))):
+      state = sparse.hessian_update(sparse.hessian_init(w.shape[0]), xc)
+      for pattern, kw in configs:
+        pruned = {
+            "magnitude": sparse.magnitude(w, **kw)[0],
+            "wanda": sparse.wanda(w, sparse.input_norms(state), **kw)[0],
+            "sparsegpt": sparse.sparsegpt(w, state.h, **kw)[0],
+        }
+        for method, wp in pruned.items():
+          print(f"{layer:5d} {name:>6} {pattern:>7} {method:>10} "
+                f"{_relative_error(xc, w, wp):9.4f} {_relative_error(xe, w, wp):9.4f}")
+
+
 def main(argv):
   del argv
   if not 0.0 <= _SPARSITY.value < 1.0:
@@ -111,6 +173,11 @@ def main(argv):
   if _BLOCK.value < 1 or _REPEATS.value < 1 or _TOKENS.value < 1:
     raise app.UsageError("--block_size, --repeats and --tokens must be positive")
   shapes = [_parse_shape(s) for s in _SHAPES.value]
+  try:
+    layers = [int(v) for v in _RECON_LAYERS.value]
+  except ValueError:
+    msg = f"--recon_layers must be block indices, got {_RECON_LAYERS.value}"
+    raise app.UsageError(msg) from None
   rng = np.random.default_rng(_SEED.value)
   print(f"backend={jax.default_backend()} sparsity={_SPARSITY.value} "
         f"block_size={_BLOCK.value} tokens={_TOKENS.value} repeats={_REPEATS.value}")
@@ -118,6 +185,8 @@ def main(argv):
   for d_in, d_out in shapes:
     t_lazy, t_naive, diff = _bench_shape(d_in, d_out, rng)
     print(f"{d_in}x{d_out:<5} {t_lazy:8.3f} {t_naive:8.3f} {t_naive / t_lazy:6.2f} {diff:10.2e}")
+  if layers:
+    _recon_table(layers)
 
 if __name__ == "__main__":
   app.run(main)
