@@ -78,8 +78,10 @@ def maybe_initialize_distributed() -> None:
 
 def resolved_flags(module_name: str) -> str:
   """This binary's own flags and the shared run flags, one `--name=value` per line."""
-  owned = FLAGS.flags_by_module_dict().get(module_name, []) + FLAGS.flags_by_module_dict()[
-      __name__]
+  # absl files the flags of a module run as `python -m` under its script path.
+  key = sys.argv[0] if module_name == "__main__" else module_name
+  by_module = FLAGS.flags_by_module_dict()
+  owned = by_module.get(key, []) + by_module[__name__]
   lines = sorted({f.serialize() for f in owned if f.name != "overwrite"} - {""})
   return "\n".join(lines) + "\n"
 

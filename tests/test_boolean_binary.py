@@ -79,6 +79,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
   steps = [(r["phase"], r["step"]) for r in map(json.loads, log.read_text().splitlines())]
   assert len(steps) == len(set(steps))
 
+  # flags.txt holds this binary's resolved flags and is re-usable as a flagfile.
+  flags_txt = (clean_dir / "boolean" / "tiny" / "flags.txt").read_text().splitlines()
+  assert set(TINY) <= set(flags_txt) and "--bias=copy" in flags_txt
+
   # A finished run is not overwritten silently.
   before = (clean_dir / "boolean" / "tiny" / "results.json").read_text()
   again = _run(args, clean_dir)
