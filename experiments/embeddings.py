@@ -36,7 +36,11 @@ flags.DEFINE_integer("embed_batch", 64, "Sentences per MiniLM forward call.")
 flags.DEFINE_bool("standardize", True, "z-score each embedding dimension with the training "
                   "set's mean and std (unit-norm 384-d embeddings have components ~0.05, "
                   "which makes a freshly initialised head learn slowly).")
-fpe_arms.define_sweep_flags(__name__)
+# per_layer, not global: with 338 classes the copied outgoing matrix [alpha * width, 338]
+# holds most of the expanded weights and its He-initialised entries are ~5x larger than
+# the incoming ones (fan-in width vs 384), so one global magnitude threshold prunes the
+# incoming layer away entirely at alpha 4 (every child unconnected, chance accuracy).
+fpe_arms.define_sweep_flags(__name__, budget="per_layer")
 
 common.flag_validator("tasks", lambda v: bool(v) and set(v) <= set(rotten_tomatoes.TASKS),
                       f"a comma list of tasks among {', '.join(rotten_tomatoes.TASKS)}")

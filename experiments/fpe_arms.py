@@ -334,11 +334,16 @@ class Runner:
         yb = self.data.y_test[begin:begin + self.s.eval_batch]
         correct += int(np.sum(np.asarray(accuracy_fn(params, masks, xb)) == yb))
       _, head = split_params(params)
-      capacity, abs_cosine = [], []
+      _, head_masks = split_params(masks)
+      capacity, abs_cosine, dead = [], [], 0
       for layer in self.spec.expand_layers:
         w = head[nn.layer_name(layer)]["w"]  # incoming weights [d_in, neurons]
         capacity.append(float(jnp.mean(metrics.feature_capacity(w))))
         abs_cosine.append(float(metrics.mean_pairwise_cosine(w, absolute=True)))
+        # Neurons left with no incoming edge by the budget prune: a sign the prune ate
+        # a whole layer (see --budget).
+        incoming = np.asarray(nn.dense_mask(head_masks[nn.layer_name(layer)]["w"]))
+        dead += int(np.sum(incoming.sum(axis=0) == 0))
       records.append({
           "task": self.task, "width": width, "arm": arm, "alpha": alpha, "seed": seed,
           "head_width": head_width or width * (1 if arm in ("dense", "dropconnect") else alpha),
@@ -347,6 +352,7 @@ class Runner:
           # The first expanded layer's figures are the headline ones; all layers are kept.
           "capacity": capacity[0], "abs_cosine": abs_cosine[0],
           "capacity_per_layer": capacity, "abs_cosine_per_layer": abs_cosine,
+          "unconnected_neurons": dead,
       })
     return records
 
@@ -396,7 +402,7 @@ def summarize(records: list[dict]) -> list[dict]:
     point = {"task": task, "width": width, "arm": arm, "alpha": alpha,
              "head_width": rs[0]["head_width"], "nonzero": rs[0]["nonzero"],
              "seeds": [r["seed"] for r in rs]}
-    for key in ("accuracy", "capacity", "abs_cosine"):
+    for key in ("accuracy", "capacity", "abs_cosine", "unconnected_neurons"):
       point[key] = _stats([r[key] for r in rs])
     base = dense.get((task, width))
     if arm != "dense" and base and all(r["seed"] in base for r in rs):
@@ -453,7 +459,7 @@ def table(points: list[dict]) -> str:
   """A plain-text table: accuracy mean ± std, gain, equivalent dense size, metrics."""
   lines = [f"{'task':10s} {'width':>5s} {'arm':12s} {'alpha':>5s} {'nonzero':>8s} "
            f"{'accuracy %':>14s} {'gain':>7s} {'dense size':>10s} {'capacity':>8s} "
-           f"{'|cos|':>6s}"]
+           f"{'|cos|':>6s} {'unconn':>6s}"]
   for p in points:
     gain = p.get("accuracy_gain")
     size = p.get("equivalent_dense_size")
@@ -463,7 +469,8 @@ def table(points: list[dict]) -> str:
         f"{p['task']:10s} {p['width']:5d} {p['arm']:12s} {p['alpha']:5d} {p['nonzero']:8d} "
         f"{100 * p['accuracy']['mean']:6.2f} ± {100 * p['accuracy']['std']:5.2f} "
         + (f"{100 * gain['mean']:+7.2f}" if gain else f"{'':7s}")
-        + f" {size_text:>10s} {p['capacity']['mean']:8.4f} {p['abs_cosine']['mean']:6.3f}")
+        + f" {size_text:>10s} {p['capacity']['mean']:8.4f} {p['abs_cosine']['mean']:6.3f}"
+        f" {p['unconnected_neurons']['mean']:6.1f}")
   return "\n".join(lines)
 
 
