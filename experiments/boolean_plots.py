@@ -7,6 +7,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+SPLIT_COLORS = {"dense": "black", "random": "tab:green", "clause": "tab:orange",
+                "feature": "tab:blue", "overlap": "tab:red"}
+ALPHA_STYLES = {1: "--", 2: "-", 4: ":"}
+
+
+def _style(arm):
+  """The same color per split and line style per alpha in every plot."""
+  split, _, alpha = arm.partition(" α=")
+  return {"color": SPLIT_COLORS.get(split, "tab:gray"),
+          "linestyle": ALPHA_STYLES.get(int(alpha or 1), "-.")}
+
 
 def _arm(p):
   return "dense" if p["split"] == "dense" else f"{p['split']} α={p['alpha']}"
@@ -28,7 +39,7 @@ def accuracy_vs(points, x_key: str, panel_key: str, path: str) -> None:
       if rows:
         ax.errorbar([p[x_key] for p in rows], [100 * p["accuracy"]["mean"] for p in rows],
                     yerr=[100 * p["accuracy"]["std"] for p in rows], marker="o", capsize=3,
-                    label=arm, linestyle="--" if arm == "dense" else "-")
+                    label=arm, **_style(arm))
     ax.set_xscale("log", base=2)
     ax.set_title(f"{panel_key} = {panel}")
     ax.set_xlabel(x_key)
@@ -51,7 +62,8 @@ def metrics_vs_gain(points, path: str) -> None:
     for arm in _arms(rows):
       sel = [p for p in rows if _arm(p) == arm]
       ax.scatter([100 * p["accuracy_gain"]["mean"] for p in sel],
-                 [p[key]["mean"] for p in sel], label=arm)
+                 [p[key]["mean"] for p in sel], label=arm, color=_style(arm)["color"],
+                 marker="o" if arm.endswith("α=2") else "s")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axvline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("accuracy gain over dense (points)")
