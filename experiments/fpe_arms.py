@@ -26,9 +26,9 @@ except the larger dense models that measure the "equivalent dense size"):
   count nearest r times dense width h's, trained from scratch for warm-up + steps.
 
 Equivalent dense size of an arm: where its mean accuracy falls on the dense family of
-its width (1x, then each ratio), by linear interpolation in log(non-zeros) on the running
-maximum of the dense accuracies; below 1x or above the largest ratio it is reported as a
-bound ("<=" / ">=").
+its width (1x, then each ratio), by linear interpolation in log(non-zeros) between the
+family's envelope points (each more accurate than every smaller model); at or below the
+first or above the best it is reported as a bound ("<=" / ">=").
 """
 
 import functools
@@ -374,12 +374,17 @@ def equivalent_dense_size(accuracy: float, family: Sequence[tuple[int, float]],
                           base: int) -> dict:
   """Where `accuracy` falls on a dense family [(non-zeros, mean accuracy)], as a ratio.
 
-  Linear interpolation in log(non-zeros) over the running maximum of the family's
-  accuracies (sorted by size); outside the family the end ratio is a bound.
+  Linear interpolation in log(non-zeros) between the family's envelope points (each beats
+  all smaller models); outside the envelope its end ratio is a bound ("<=" or ">=").
   """
-  family = sorted(family)
-  sizes = np.log([n / base for n, _ in family])
-  best = np.maximum.accumulate([a for _, a in family])
+  # The envelope: only models that beat every smaller one (a larger dense model that does
+  # worse than a smaller one says nothing about the size that accuracy needs).
+  envelope = []
+  for n, a in sorted(family):
+    if not envelope or a > envelope[-1][1]:
+      envelope.append((n, a))
+  sizes = np.log([n / base for n, _ in envelope])
+  best = np.asarray([a for _, a in envelope])
   if accuracy <= best[0]:
     return {"ratio": float(np.exp(sizes[0])), "bound": "<="}
   if accuracy > best[-1]:
