@@ -307,7 +307,7 @@ class SparseGPTResult(NamedTuple):
     w: [d_in, d_out] pruned and updated weights (exactly zero where mask is 0 and on dead
       inputs).
     mask: [d_in, d_out] float 0/1, 1 = kept.
-    damp: [] the relative damping that was used (damp times mean(diag h)) was added.
+    damp: [] the relative damping that succeeded (h + damp * mean(diag h) * I was factored).
     ok: [] bool, False when every damping in the schedule failed (w is then not usable).
   """
 
@@ -466,10 +466,15 @@ def sparsegpt_with_info(
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
   if n_m is not None and min(block_size, d_in) % n_m[1]:
     raise ValueError(f"block_size={block_size} must be a multiple of n_m's m={n_m[1]}")
-  if not (isinstance(damp, (int, float)) and damp >= 0):
-    raise ValueError(f"damp must be a number >= 0, got {damp!r}")
+  try:
+    damp, damp_growth = float(damp), float(damp_growth)
+  except (TypeError, ValueError):
+    msg = f"damp and damp_growth must be numbers, got {damp!r}, {damp_growth!r}"
+    raise ValueError(msg) from None
+  if not damp >= 0:
+    raise ValueError(f"damp must be >= 0, got {damp}")
   if not damp_growth > 1:
-    raise ValueError(f"damp_growth must be > 1, got {damp_growth!r}")
+    raise ValueError(f"damp_growth must be > 1, got {damp_growth}")
   if not (isinstance(max_damp_tries, int) and max_damp_tries >= 1):
     raise ValueError(f"max_damp_tries must be an int >= 1, got {max_damp_tries!r}")
   d_out = w.shape[1]
