@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from fpe_jax import cluster, experts, metrics, sharding, sparse
+from kernels_pallas.block_sparse import BlockSparseMask
 
 D_IN, D_OUT, E = 64, 24, 4
 
@@ -72,6 +73,18 @@ def test_apply_matches_a_per_token_loop(bank, implementation):
     for t in range(7):
       want[b, t] = x[b, t].astype(np.float64) @ w[ids[b, t]]
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_implementation_matches_the_reference(bank):
+  # The Pallas expert matmul (interpret mode on CPU) through apply_experts' "kernel" path.
+  layer = bank["layer"]
+  block_mask = BlockSparseMask.from_masks(
+      np.asarray(layer["mask"]), block_shape=(16, 16), implementation="pallas"
+  )
+  x, ids = bank["x"][:40], bank["ids"][:40]
+  got = experts.apply_experts(layer["w"], x, ids, implementation="kernel", block_mask=block_mask)
+  want = experts.apply_experts(layer["w"], x, ids, implementation="onehot")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_apply_expert_linear_routes_with_the_router(bank):
