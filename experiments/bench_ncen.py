@@ -1,0 +1,94 @@
+r"""Step-time ratios of ensemble training: NCEn (double backprop) and vmapped members.
+
+  python -m experiments.bench_ncen [--architecture=small --width=32 --batch_size=128]
+
+Prints, for M members on one Fashion-MNIST batch (Adam, jitted steps, timed after a
+warm-up compile, median over --repeats of --iters steps):
+  1. NCEn step (vmapped, double backprop through input gradients) / independent step
+     (vmapped, plain CE);
+  2. one vmapped step of M independent members / M single-member steps run one after
+     another (each its own jitted call).
+"""
+
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import app, flags
+
+from fpe_jax import ensemble
+from fpe_jax.data import fashion_mnist
+from fpe_jax.models import cnn
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("architecture", "small", cnn.ARCHITECTURES, "CNN architecture.")
+flags.DEFINE_integer("width", 32, "Channels of the first conv.")
+flags.DEFINE_integer("hidden", 128, "Dense hidden width of the small CNN.")
+flags.DEFINE_integer("num_members", 3, "Ensemble members M (>= 2).")
+flags.DEFINE_integer("batch_size", 128, "Images per step.")
+flags.DEFINE_integer("iters", 10, "Steps per timing.")
+flags.DEFINE_integer("repeats", 3, "Timings; the median is reported.")
+for _name in ("width", "hidden", "batch_size", "iters", "repeats"):
+  flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name}: must be >= 1")
+flags.register_validator("num_members", lambda v: v >= 2,
+                         message="--num_members: must be >= 2 (NCEn compares members)")
+
+
+def seconds_per_step(step, state, x, y) -> float:
+  state, _ = step(state, x, y)  # compile
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(FLAGS.repeats):
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.iters):
+      state, _ = step(state, x, y)
+    jax.block_until_ready(state)
+    times.append((time.perf_counter() - t0) / FLAGS.iters)
+  return statistics.median(times)
+
+
+def main(argv):
+  del argv
+  config = cnn.CNNConfig(architecture=FLAGS.architecture, width=FLAGS.width, hidden=FLAGS.hidden,
+                         activation="leaky_relu")
+  apply_fn = functools.partial(cnn.apply_cnn, config=config)
+  members = FLAGS.num_members
+  images, labels = fashion_mnist.load_fashion_mnist("train")
+  x, y = jnp.asarray(images[:FLAGS.batch_size]), jnp.asarray(labels[:FLAGS.batch_size])
+  optimizer = optax.adam(1e-3)
+  stacked = ensemble.init_members(functools.partial(cnn.init_cnn, config=config),
+                                  jax.random.key(0), members)
+
+  def timed(name):
+    loss = ensemble.make_loss(apply_fn, ensemble.LossConfig(name=name), members)
+    step = ensemble.make_train_step(loss, optimizer, donate=False)
+    return seconds_per_step(step, ensemble.init_train_state(stacked, optimizer), x, y)
+
+  ncen = timed("ncen")
+  independent = timed("independent")
+
+  single_loss = ensemble.make_loss(apply_fn, ensemble.LossConfig(name="independent"), 1)
+  single_step = ensemble.make_train_step(single_loss, optimizer, donate=False)
+  singles = [ensemble.init_train_state(ensemble.stack_members([p]), optimizer)
+             for p in ensemble.unstack_members(stacked)]
+
+  def sequential(states, xb, yb):
+    out = [single_step(s, xb, yb) for s in states]
+    return [s for s, _ in out], None
+
+  one_after_another = seconds_per_step(sequential, singles, x, y)
+  print(f"devices: {jax.devices()}")
+  print(f"model: {FLAGS.architecture} width {FLAGS.width}, {members} members, batch "
+        f"{FLAGS.batch_size}; median of {FLAGS.repeats} x {FLAGS.iters} steps")
+  print(f"NCEn step (vmapped, double backprop): {1e3 * ncen:9.2f} ms")
+  print(f"independent step (vmapped):           {1e3 * independent:9.2f} ms")
+  print(f"{members} single-member steps in sequence:   {1e3 * one_after_another:9.2f} ms")
+  print(f"ratio NCEn / independent:              {ncen / independent:6.2f}x")
+  print(f"ratio {members} sequential / vmapped:         {one_after_another / independent:6.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
