@@ -10,7 +10,14 @@ tokens routed to e. Each token uses exactly one expert (hard top-1 routing, see
 fpe_jax.cluster.route), so the per-token cost is that of one sparse matrix.
 
 Apply implementations (`apply_experts(..., implementation=)`):
-  "xla"     tokens sorted by expert, one grouped matmul (`lax.ragged_dot`), unsorted.
+  "auto"    "tiled" on CPU, "xla" elsewhere.
+  "tiled"   tokens sorted by expert into row tiles of `tile_size` (each expert's group padded
+            to whole tiles, at most E extra tiles), one [tile, d_in] @ [d_in, d_out] matmul
+            per tile in a sequential map, unsorted: about the FLOPs of one dense matmul.
+  "xla"     tokens sorted by expert, one grouped matmul (`lax.ragged_dot`), unsorted. XLA's
+            CPU backend expands it to every expert on every token (measured about E times
+            a dense matmul: 5.2 s against 0.39 s for "tiled" at E=16, 4096 tokens,
+            576x1536, on this 2-core CPU).
   "onehot"  every expert on every token, then the routed one selected: E times the
             FLOPs; the plain reference.
   "kernel"  kernels_pallas.expert_matmul, which skips all-zero weight blocks; needs the
@@ -32,7 +39,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from fpe_jax import cluster, metrics, sparse
 
-IMPLEMENTATIONS = ("xla", "onehot", "kernel")
+IMPLEMENTATIONS = ("auto", "tiled", "xla", "onehot", "kernel")
 EXPERT_AXIS = "expert"
 # Expert banks: the leaves named w / mask ([E, d_in, d_out]) shard their first axis over
 # `expert`; everything else (routers) is replicated. Rules are (regex, spec), as in
@@ -172,6 +179,31 @@ def _apply_xla(w, x, ids):
   return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
 
 
+def _apply_tiled(w, x, ids, tile_size):
+  num_tokens, d_in = x.shape
+  num_experts = w.shape[0]
+  sizes = jnp.bincount(ids, length=num_experts)
+  tiles_per_expert = (sizes + tile_size - 1) // tile_size
+  tile_end = jnp.cumsum(tiles_per_expert)
+  tile_start = tile_end - tiles_per_expert
+  # Static bound: sum_e ceil(n_e / tile) <= ceil(T / tile) + E.
+  num_tiles = -(-num_tokens // tile_size) + num_experts
+  order = jnp.argsort(ids, stable=True)
+  ids_sorted = ids[order]
+  rank_in_group = jnp.arange(num_tokens) - (jnp.cumsum(sizes) - sizes)[ids_sorted]
+  slot = tile_start[ids_sorted] * tile_size + rank_in_group
+  x_tiles = jnp.zeros((num_tiles * tile_size, d_in), x.dtype).at[slot].set(x[order])
+  # Unused tiles at the end hold zero rows; any valid expert index will do for them.
+  tile_expert = jnp.minimum(
+      jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"), num_experts - 1
+  )
+  y_tiles = jax.lax.map(
+      lambda a: a[0] @ w[a[1]], (x_tiles.reshape(num_tiles, tile_size, d_in), tile_expert)
+  )
+  y_sorted = y_tiles.reshape(-1, w.shape[2])[slot]
+  return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+
+
 def _apply_onehot(w, x, ids):
   y_all = jnp.einsum("ti,eio->teo", x, w)
   return jnp.take_along_axis(y_all, ids[:, None, None], axis=1)[:, 0]
@@ -182,8 +214,9 @@ def apply_experts(
     x: jax.Array,
     ids: jax.Array,
     *,
-    implementation: str = "xla",
+    implementation: str = "auto",
     block_mask=None,
+    tile_size: int = 128,
 ) -> jax.Array:
   """y_t = x_t @ w[ids_t]: each token through its own expert.
 
@@ -194,6 +227,7 @@ def apply_experts(
     implementation: one of IMPLEMENTATIONS (see the module docstring).
     block_mask: for "kernel": `kernels_pallas.block_sparse.BlockSparseMask.from_masks(
       masks)` built once on the host from the [E, d_in, d_out] masks.
+    tile_size: rows per tile for "tiled".
 
   Returns:
     [..., d_out].
@@ -209,7 +243,13 @@ def apply_experts(
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   ids2 = ids.reshape(-1).astype(jnp.int32)
-  if implementation == "xla":
+  if implementation == "auto":
+    implementation = "tiled" if jax.default_backend() == "cpu" else "xla"
+  if implementation == "tiled":
+    if not isinstance(tile_size, int) or tile_size < 1:
+      raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+    y = _apply_tiled(w, x2, ids2, tile_size)
+  elif implementation == "xla":
     y = _apply_xla(w, x2, ids2)
   elif implementation == "onehot":
     y = _apply_onehot(w, x2, ids2)

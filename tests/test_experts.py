@@ -58,14 +58,16 @@ def test_experts_reconstruct_better_than_one_sparsegpt(bank):
   assert err_experts < err_single
 
 
-@pytest.mark.parametrize("implementation", ["xla", "onehot"])
+@pytest.mark.parametrize("implementation", ["tiled", "xla", "onehot"])
 def test_apply_matches_a_per_token_loop(bank, implementation):
   layer = bank["layer"]
   rng = np.random.default_rng(1)
   x = rng.normal(size=(3, 7, D_IN)).astype(np.float32)
   ids = rng.integers(0, E, size=(3, 7))
   ids[0] = 2  # an expert with many tokens; some experts get none in a small batch
-  fn = jax.jit(lambda w, x, i: experts.apply_experts(w, x, i, implementation=implementation))
+  # tile_size=4: several tiles per expert, partly filled ones, and unused tiles at the end.
+  fn = jax.jit(lambda w, x, i: experts.apply_experts(
+      w, x, i, implementation=implementation, tile_size=4))
   got = np.asarray(fn(layer["w"], x, ids))
   w = np.asarray(layer["w"], np.float64)
   want = np.zeros((3, 7, D_OUT))
