@@ -100,8 +100,8 @@ def prune_experts(
   res = _prune_experts_jit(
       jnp.asarray(w),
       jnp.asarray(hessians),
-      sparsity=float(sparsity),
-      n_m=None if n_m is None else tuple(int(v) for v in n_m),
+      sparsity=sparse._check_sparsity(sparsity),
+      n_m=sparse._check_n_m(n_m, jnp.shape(w)[0]),
       block_size=block_size,
       damp=float(damp),
       batch_size=expert_batch_size,
