@@ -86,6 +86,9 @@ flags.DEFINE_integer("mim_steps", 10, "MIM iterations (step eps / steps).")
 flags.DEFINE_float("mim_decay", 1.0, "MIM momentum decay.")
 flags.DEFINE_list("steps_check", ["10"], "Fewer PGD steps compared with --pgd_steps.")
 flags.DEFINE_float("check_tolerance", 0.0, "Slack on the monotonicity checks.")
+flags.DEFINE_enum("member_map", "auto", ("auto",) + ensemble.MEMBER_MAPS,
+                  "How members are applied: vmap, unroll (faster convs on CPU), or auto "
+                  "(unroll on CPU with one member device, else vmap). Same numbers.")
 flags.DEFINE_integer("member_devices", 1, "Devices on the mesh axis `member` (shards members).")
 flags.DEFINE_integer("seed", 0, "Seed of everything.")
 
@@ -137,8 +140,14 @@ def model_config() -> cnn.CNNConfig:
                        activation=FLAGS.activation, input_mean=mean, input_std=std)
 
 
+def member_map() -> str:
+  if FLAGS.member_map != "auto":
+    return FLAGS.member_map
+  return "unroll" if jax.default_backend() == "cpu" and FLAGS.member_devices == 1 else "vmap"
+
+
 def loss_config(name: str) -> ensemble.LossConfig:
-  return ensemble.LossConfig(
+  return ensemble.LossConfig(member_map=member_map(),
       name=name, lam_dir=FLAGS.lam_dir, lam_mag=FLAGS.lam_mag, lam_ncl=FLAGS.lam_ncl,
       gal_lam=FLAGS.gal_lam, adp_alpha=FLAGS.adp_alpha, adp_beta=FLAGS.adp_beta,
       trs_coeff=FLAGS.trs_coeff, trs_lam=FLAGS.trs_lam, trs_scale=FLAGS.trs_scale)
@@ -241,7 +250,7 @@ def label(target: str, member: int | None) -> str:
 
 def objective_table(apply_fn, stacked, x, labels):
   """[T * L, B]: every (target, attack loss) objective, so one program serves them all."""
-  logits = ensemble.member_logits(apply_fn, stacked, x)
+  logits = ensemble.member_logits(apply_fn, stacked, x, member_map())
   outputs = {"ensemble": ensemble.combine_logits(logits, "log_mean_prob"),
              "mean_logits": ensemble.combine_logits(logits, "mean_logits")}
   rows = []
@@ -265,7 +274,7 @@ def make_evaluators(apply_fn):
     return lambda x, labels: objective_table(apply_fn, stacked, x, labels)[choice]
 
   def predictor(stacked):
-    return attacks.ensemble_predictor(apply_fn, stacked)
+    return attacks.ensemble_predictor(apply_fn, stacked, member_map=member_map())
 
   @functools.partial(jax.jit, static_argnames="kind")
   def robust(attack_params, judge_params, x, labels, keys, eps, steps, restarts, choice, kind):
@@ -293,17 +302,18 @@ def make_evaluators(apply_fn):
   @jax.jit
   def transfer(stacked, x, labels, key, eps):
     return attacks.transfer_counts(apply_fn, stacked, x, labels, key, eps=eps,
-                                   steps=FLAGS.pgd_steps, step_size=eps * FLAGS.step_fraction)
+                                   steps=FLAGS.pgd_steps, step_size=eps * FLAGS.step_fraction,
+                                   member_map=member_map())
 
   @jax.jit
   def clean(stacked, x, labels):
-    logits = ensemble.member_logits(apply_fn, stacked, x)
+    logits = ensemble.member_logits(apply_fn, stacked, x, member_map())
     ens = jnp.argmax(ensemble.combine_logits(logits), -1) == labels
     return jnp.sum(ens), jnp.sum(jnp.argmax(logits, -1) == labels, axis=-1)
 
   @jax.jit
   def grad_stats(stacked, x, labels):
-    return ensemble.gradient_statistics(apply_fn, stacked, x, labels)
+    return ensemble.gradient_statistics(apply_fn, stacked, x, labels, member_map())
 
   return robust, transfer, clean, grad_stats
 
@@ -471,8 +481,8 @@ def plot(records: dict, folder: str) -> None:
   with_transfer = {n: r for n, r in records.items() if "transfer" in r["robust"][str(eps)]}
   if not with_transfer:
     return
-  fig, axes = plt.subplots(1, len(with_transfer), figsize=(3 * len(with_transfer), 3),
-                           squeeze=False)
+  fig, axes = plt.subplots(1, len(with_transfer), figsize=(2.6 * len(with_transfer) + 1, 3),
+                           squeeze=False, constrained_layout=True)
   for ax, (name, r) in zip(axes[0], with_transfer.items(), strict=True):
     matrix = np.asarray(r["robust"][str(eps)]["transfer"]["member_to_member"])
     image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
@@ -481,7 +491,7 @@ def plot(records: dict, folder: str) -> None:
               fontsize=7)
     ax.set_title(name, fontsize=9)
     ax.set_xlabel("judged on member")
-    ax.set_ylabel("crafted on member")
+  axes[0][0].set_ylabel("crafted on member")
   fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="PGD success rate")
   fig.suptitle(f"member-to-member transfer, eps={eps:g}", fontsize=9)
   fig.savefig(os.path.join(folder, "transfer_matrices.png"), dpi=120)

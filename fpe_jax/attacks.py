@@ -91,7 +91,8 @@ def attack_loss(scores: jax.Array, labels: jax.Array, loss: str = "ce") -> jax.A
 
 
 def ensemble_objective(apply_fn: ApplyFn, stacked: Params, target: str = "ensemble",
-                       loss: str = "ce", member: int | None = None) -> Objective:
+                       loss: str = "ce", member: int | None = None,
+                       member_map: str = "vmap") -> Objective:
   """The objective for attacking a stacked ensemble through one of its outputs.
 
   Args:
@@ -101,6 +102,7 @@ def ensemble_objective(apply_fn: ApplyFn, stacked: Params, target: str = "ensemb
       the largest of the members' losses) or "member" (member `member` alone).
     loss: "ce" or "margin".
     member: index of the attacked member when target == "member".
+    member_map: "vmap" or "unroll" (see `ensemble.map_members`).
 
   Returns:
     (x [B, ...], labels [B]) -> [B] losses.
@@ -111,7 +113,7 @@ def ensemble_objective(apply_fn: ApplyFn, stacked: Params, target: str = "ensemb
     raise ValueError(f"member={member} must be an index in [0, {count}) for target='member'")
 
   def objective(x, labels):
-    logits = ensemble.member_logits(apply_fn, stacked, x)
+    logits = ensemble.member_logits(apply_fn, stacked, x, member_map)
     if target == "ensemble":
       return attack_loss(ensemble.combine_logits(logits, "log_mean_prob"), labels, loss)
     if target == "mean_logits":
@@ -123,10 +125,10 @@ def ensemble_objective(apply_fn: ApplyFn, stacked: Params, target: str = "ensemb
   return objective
 
 
-def ensemble_predictor(apply_fn: ApplyFn, stacked: Params,
-                       combine: str = "log_mean_prob") -> Predictor:
+def ensemble_predictor(apply_fn: ApplyFn, stacked: Params, combine: str = "log_mean_prob",
+                       member_map: str = "vmap") -> Predictor:
   """x [B, ...] -> [B, C] ensemble scores."""
-  return lambda x: ensemble.ensemble_logits(apply_fn, stacked, x, combine)
+  return lambda x: ensemble.ensemble_logits(apply_fn, stacked, x, combine, member_map)
 
 
 # --------------------------------------------------------------------------- attacks
@@ -261,7 +263,8 @@ def robust_mask(predictor: Predictor, attack_fn: AttackFn, x: jax.Array, labels:
 
 def transfer_counts(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
                     key: jax.Array, *, eps: float, steps: int, step_size: float | None = None,
-                    loss: str = "ce", combine: str = "log_mean_prob") -> dict[str, jax.Array]:
+                    loss: str = "ce", combine: str = "log_mean_prob",
+                    member_map: str = "vmap") -> dict[str, jax.Array]:
   """Member-to-member transfer of PGD examples, as counts over the points all members get right.
 
   Args:
@@ -272,6 +275,7 @@ def transfer_counts(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: ja
     eps, steps, step_size: PGD settings.
     loss: the attack loss on the source member.
     combine: how the ensemble combines members when judging transfer to it.
+    member_map: "vmap" or "unroll" (see `ensemble.map_members`).
 
   Returns:
     points: scalar int, points every member classifies correctly (the denominator);
@@ -281,14 +285,18 @@ def transfer_counts(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: ja
   validate(eps=eps, steps=steps, loss=loss)
   count = ensemble.num_members(stacked)
 
-  def craft(params, member_key):
+  def craft(member):
+    params, member_key = member
     objective = lambda inputs, y: attack_loss(apply_fn(params, inputs), y, loss)
     return pgd(objective, x, labels, member_key, eps=eps, steps=steps, step_size=step_size)
 
-  x_adv = jax.vmap(craft)(stacked, jax.random.split(key, count))  # [M_src, B, ...]
-  clean = ensemble.member_logits(apply_fn, stacked, x)
+  x_adv = ensemble.map_members(craft, (stacked, jax.random.split(key, count)),
+                               member_map=member_map)  # [M_src, B, ...]
+  clean = ensemble.member_logits(apply_fn, stacked, x, member_map)
   all_correct = jnp.all(jnp.argmax(clean, axis=-1) == labels, axis=0)  # [B]
-  adv_logits = jax.vmap(lambda xa: ensemble.member_logits(apply_fn, stacked, xa))(x_adv)
+  # All sources' examples as one batch: [M_src * B, ...] -> [M_tgt, M_src, B, C].
+  flat = ensemble.member_logits(apply_fn, stacked, x_adv.reshape(-1, *x.shape[1:]), member_map)
+  adv_logits = jnp.swapaxes(flat.reshape(count, count, x.shape[0], -1), 0, 1)
   member_fooled = jnp.argmax(adv_logits, axis=-1) != labels  # [M_src, M_tgt, B]
   ensemble_fooled = jnp.argmax(jax.vmap(ensemble.combine_logits, in_axes=(0, None))(
       adv_logits, combine), axis=-1) != labels  # [M_src, B]

@@ -2,8 +2,14 @@
 
 Member params are stacked on a leading axis ([M, ...] for every leaf) and applied with
 `jax.vmap`, so M members cost one batched call and the member axis can be sharded over a
-mesh axis named `member`. The ensemble's output is the log of the mean of the members'
-softmax (the peers' convention); mean logits is an option.
+mesh axis named `member`. `member_map="unroll"` applies the members one after another
+inside the same program instead: on CPU, XLA lowers a vmapped convolution over stacked
+kernels to a grouped convolution that runs several times slower than M plain ones
+(measured by experiments/bench_ncen.py). On GPU/TPU, where grouped convolutions are
+native, vmap is the intended path and the one that shards (not measured here).
+
+The ensemble's output is the log of the mean of the members' softmax (the peers'
+convention); mean logits is an option.
 
 Losses (papers.md section 3; every loss returns `(scalar, metrics)`):
 
@@ -41,6 +47,7 @@ ApplyFn = Callable[[Params, jax.Array], jax.Array]
 LossFn = Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 COMBINES = ("log_mean_prob", "mean_logits")
+MEMBER_MAPS = ("vmap", "unroll")
 LOSSES = ("independent", "ncen", "gal", "adp", "trs")
 # Losses that compare members with each other and so need at least two of them.
 CORRELATION_LOSSES = ("ncen", "gal", "adp", "trs")
@@ -84,18 +91,45 @@ def num_members(stacked: Params) -> int:
   return sizes.pop()
 
 
-def member_logits(apply_fn: ApplyFn, stacked: Params, x: jax.Array) -> jax.Array:
+def map_members(fn: Callable[..., Any], per_member: Any, *shared: Any,
+                member_map: str = "vmap") -> Any:
+  """fn(member_i, *shared) for every member, outputs stacked on a new leading axis.
+
+  Args:
+    fn: (one member's slice of per_member, *shared) -> pytree.
+    per_member: a pytree whose leaves all have the member axis first (stacked params, or a
+      tuple of stacked params and [M] keys).
+    *shared: arguments every member sees whole.
+    member_map: "vmap" (one batched computation) or "unroll" (M computations in sequence
+      in the same program; faster for convolutions on CPU).
+
+  Returns:
+    fn's outputs with leaves [M, ...].
+  """
+  if member_map == "vmap":
+    return jax.vmap(fn, in_axes=(0,) + (None,) * len(shared))(per_member, *shared)
+  if member_map == "unroll":
+    count = {leaf.shape[0] for leaf in jax.tree.leaves(per_member)}.pop()
+    outputs = [fn(jax.tree.map(lambda leaf, i=i: leaf[i], per_member), *shared)
+               for i in range(count)]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outputs)
+  raise ValueError(f"member_map={member_map!r} is not one of {list(MEMBER_MAPS)}")
+
+
+def member_logits(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
+                  member_map: str = "vmap") -> jax.Array:
   """Every member's logits on the same inputs.
 
   Args:
     apply_fn: (params, x [B, ...]) -> logits [B, C] of one member.
     stacked: member params with leaves [M, ...].
     x: [B, ...] inputs.
+    member_map: "vmap" or "unroll" (see `map_members`); same numbers either way.
 
   Returns:
     [M, B, C] logits.
   """
-  return jax.vmap(apply_fn, in_axes=(0, None))(stacked, x)
+  return map_members(apply_fn, stacked, x, member_map=member_map)
 
 
 def combine_logits(logits: jax.Array, combine: str = "log_mean_prob") -> jax.Array:
@@ -118,9 +152,9 @@ def combine_logits(logits: jax.Array, combine: str = "log_mean_prob") -> jax.Arr
 
 
 def ensemble_logits(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
-                    combine: str = "log_mean_prob") -> jax.Array:
+                    combine: str = "log_mean_prob", member_map: str = "vmap") -> jax.Array:
   """[B, C] ensemble output of the stacked members on x [B, ...]."""
-  return combine_logits(member_logits(apply_fn, stacked, x), combine)
+  return combine_logits(member_logits(apply_fn, stacked, x, member_map), combine)
 
 
 def member_sharding(stacked: Params, mesh: Mesh, axis: str = MEMBER_AXIS) -> Params:
@@ -154,8 +188,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.sum(log_probs * one_hot, axis=-1)
 
 
-def input_gradients(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
-                    labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def input_gradients(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+                    member_map: str = "vmap") -> tuple[jax.Array, jax.Array, jax.Array]:
   """Each member's per-example CE and its gradient w.r.t. the input.
 
   Examples do not interact inside a member (no batch statistics), so the gradient of the
@@ -166,6 +200,7 @@ def input_gradients(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
     stacked: member params, leaves [M, ...].
     x: [B, ...] inputs.
     labels: [B] int labels.
+    member_map: "vmap" or "unroll" (see `map_members`).
 
   Returns:
     ce: [M, B] per-example cross-entropy.
@@ -182,7 +217,7 @@ def input_gradients(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
     grads, (ce, logits) = jax.grad(summed_ce, has_aux=True)(x)
     return ce, logits, grads
 
-  return jax.vmap(member)(stacked)
+  return map_members(member, stacked, member_map=member_map)
 
 
 def _flatten_examples(grads: jax.Array) -> jax.Array:
@@ -330,6 +365,7 @@ class LossConfig(NamedTuple):
     trs_coeff: TRS weight of mean |cos|.
     trs_lam: TRS weight of the smoothness term.
     trs_scale: TRS overall scale of its regulariser.
+    member_map: how members are applied, "vmap" or "unroll" (see `map_members`).
   """
   name: str = "independent"
   lam_dir: float = 1.0
@@ -343,6 +379,7 @@ class LossConfig(NamedTuple):
   trs_coeff: float = 2.0
   trs_lam: float = 2.0
   trs_scale: float = 1.0
+  member_map: str = "vmap"
 
 
 DEFAULT_LOSS_CONFIG = LossConfig()
@@ -352,6 +389,8 @@ def validate_loss(config: LossConfig, members: int) -> None:
   """Raises ValueError naming the bad field: unknown loss, or < 2 members for a pairwise one."""
   if config.name not in LOSSES:
     raise ValueError(f"loss={config.name!r} is not one of {list(LOSSES)}")
+  if config.member_map not in MEMBER_MAPS:
+    raise ValueError(f"member_map={config.member_map!r} is not one of {list(MEMBER_MAPS)}")
   if members < 1:
     raise ValueError(f"num_members={members} must be >= 1")
   if config.name in CORRELATION_LOSSES and members < 2:
@@ -363,8 +402,7 @@ def independent_loss(
     apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
     config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
   """sum_i mean_b CE_i: members trained independently (no input gradients needed)."""
-  del config
-  logits = member_logits(apply_fn, stacked, x)
+  logits = member_logits(apply_fn, stacked, x, config.member_map)
   ce = jnp.mean(cross_entropy(logits, labels), axis=1)  # [M]
   loss = jnp.sum(ce)
   return loss, {"loss": loss, "ce": jnp.mean(ce)}
@@ -373,7 +411,7 @@ def independent_loss(
 def ncen_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
               config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
   """NCEn: sum CE + lam_dir * direction + lam_mag * magnitude + lam_ncl * Liu-Yao."""
-  ce, _, grads = input_gradients(apply_fn, stacked, x, labels)
+  ce, _, grads = input_gradients(apply_fn, stacked, x, labels, config.member_map)
   ce_sum = jnp.sum(jnp.mean(ce, axis=1))
   direction = direction_term(grads)
   magnitude = magnitude_term(grads)
@@ -388,7 +426,7 @@ def ncen_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Arra
 def gal_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
              config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GAL: mean_i CE_i + gal_lam * log sum_{i<j} exp(cos(g_i, g_j))."""
-  ce, _, grads = input_gradients(apply_fn, stacked, x, labels)
+  ce, _, grads = input_gradients(apply_fn, stacked, x, labels, config.member_map)
   coherence = gal_term(grads)
   loss = jnp.mean(ce) + config.gal_lam * coherence
   return loss, {"loss": loss, "ce": jnp.mean(ce), "gal": coherence,
@@ -398,7 +436,7 @@ def gal_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array
 def adp_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
              config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ADP: sum_i CE_i - adp_alpha * H(mean prob) - adp_beta * log det(Gram)."""
-  logits = member_logits(apply_fn, stacked, x)
+  logits = member_logits(apply_fn, stacked, x, config.member_map)
   ce = jnp.mean(cross_entropy(logits, labels), axis=1)
   entropy = ensemble_entropy(logits, config.adp_log_offset)
   log_det = adp_log_det(logits, labels, config.adp_det_offset)
@@ -409,7 +447,7 @@ def adp_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array
 def trs_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
              config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
   """TRS: sum CE + trs_scale * (trs_coeff * mean |cos| + trs_lam * 2 * mean ||g||^2)."""
-  ce, _, grads = input_gradients(apply_fn, stacked, x, labels)
+  ce, _, grads = input_gradients(apply_fn, stacked, x, labels, config.member_map)
   abs_cos = trs_cosine_term(grads)
   smooth = mean_squared_gradient_norm(grads)
   loss = (jnp.sum(jnp.mean(ce, axis=1))
@@ -428,8 +466,8 @@ def make_loss(apply_fn: ApplyFn, config: LossConfig, members: int) -> LossFn:
   return functools.partial(_LOSS_FNS[config.name], apply_fn, config=config)
 
 
-def gradient_statistics(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
-                        labels: jax.Array) -> dict[str, jax.Array]:
+def gradient_statistics(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+                        member_map: str = "vmap") -> dict[str, jax.Array]:
   """Diagnostics reported for every ensemble, whatever it was trained with.
 
   Returns:
@@ -437,7 +475,7 @@ def gradient_statistics(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
       NaN otherwise); mean_grad_norm: mean ||g_i(x)||; magnitude_corr: the NCEn magnitude
       term (needs M >= 2 and B >= 2).
   """
-  _, _, grads = input_gradients(apply_fn, stacked, x, labels)
+  _, _, grads = input_gradients(apply_fn, stacked, x, labels, member_map)
   if grads.shape[0] < 2:
     nan = jnp.array(jnp.nan, jnp.float32)
     return {"mean_pairwise_cosine": nan, "mean_grad_norm": jnp.mean(gradient_norms(grads)),

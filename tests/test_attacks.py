@@ -2,6 +2,7 @@
 
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,8 +197,10 @@ def test_transfer_counts_match_a_loop_reference():
   y = jnp.argmax(ensemble.ensemble_logits(linear_apply, stacked, x), -1)
   key = jax.random.key(24)
   eps, steps = 0.1, 10
-  got = jax.jit(lambda x, y: attacks.transfer_counts(linear_apply, stacked, x, y, key, eps=eps,
-                                                     steps=steps))(x, y)
+  got, unrolled = (jax.jit(lambda x, y, m=m: attacks.transfer_counts(
+      linear_apply, stacked, x, y, key, eps=eps, steps=steps, member_map=m))(x, y)
+                   for m in ("vmap", "unroll"))
+  chex.assert_trees_all_equal(got, unrolled)
   members = ensemble.unstack_members(stacked)
   predict = lambda p, xs: np.argmax(np.asarray(linear_apply(p, xs)), -1)
   all_correct = np.all([predict(p, x) == np.asarray(y) for p in members], axis=0)

@@ -50,6 +50,8 @@ def test_vmapped_ensemble_equals_loop_over_members():
   got = jax.jit(lambda s, xb: ensemble.member_logits(apply, s, xb))(stacked, x)
   loop = np.stack([jax.jit(apply)(p, x) for p in ensemble.unstack_members(stacked)])
   np.testing.assert_allclose(got, loop, rtol=1e-5, atol=1e-5)
+  unrolled = jax.jit(lambda s, xb: ensemble.member_logits(apply, s, xb, "unroll"))(stacked, x)
+  np.testing.assert_allclose(unrolled, loop, rtol=1e-5, atol=1e-5)
   probs = np_softmax(np.asarray(loop, np.float64)).mean(0)
   np.testing.assert_allclose(ensemble.combine_logits(got), np.log(probs), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(ensemble.combine_logits(got, "mean_logits"), loop.mean(0),
@@ -190,6 +192,19 @@ def test_losses_combine_their_terms():
     loss, metrics = jax.jit(loss_fn)(stacked, x, y)
     np.testing.assert_allclose(loss, value, rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(metrics["loss"], loss)
+
+
+def test_unrolled_members_give_the_same_loss_and_gradients():
+  stacked = linear_members(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (B, D))
+  y = jnp.arange(B) % C
+  for name in ("ncen", "adp"):
+    grads = [jax.jit(jax.grad(lambda p, m=m, name=name: ensemble.make_loss(
+        linear_apply, ensemble.LossConfig(name=name, member_map=m), M)(p, x, y)[0]))(stacked)
+             for m in ensemble.MEMBER_MAPS]
+    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="member_map='pmap' is not one of"):
+    ensemble.make_loss(linear_apply, ensemble.LossConfig(member_map="pmap"), M)
 
 
 def test_double_backprop_matches_closed_form_input_gradient():
