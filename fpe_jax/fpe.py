@@ -71,7 +71,10 @@ def expand(
     bias: child biases: "copy" the parent's, "split" it in alpha equal parts, or "zero".
     budget: "global": one magnitude threshold over all expanded weight matrices;
       "per_layer": every weight matrix is pruned back to its own pre-expansion count,
-      the biases' growth being taken from the incoming matrix of their layer.
+      the biases' growth being taken from the incoming matrix of their layer. Global
+      pruning compares matrices of different scales: with a wide output layer (e.g. a
+      [384, h, 338] head at alpha 4) the copied outgoing weights are larger than the
+      incoming ones and the prune can empty the incoming matrix; use "per_layer" there.
 
   Returns:
     (params, masks) with `count_nonzero` exactly equal to the input's.
