@@ -490,6 +490,8 @@ def plot(records: dict, folder: str) -> None:
       ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 else "k",
               fontsize=7)
     ax.set_title(name, fontsize=9)
+    ax.set_xticks(range(len(matrix)))
+    ax.set_yticks(range(len(matrix)))
     ax.set_xlabel("judged on member")
   axes[0][0].set_ylabel("crafted on member")
   fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="PGD success rate")
