@@ -481,7 +481,7 @@ def plot(records: dict, folder: str) -> None:
   with_transfer = {n: r for n, r in records.items() if "transfer" in r["robust"][str(eps)]}
   if not with_transfer:
     return
-  fig, axes = plt.subplots(1, len(with_transfer), figsize=(2.6 * len(with_transfer) + 1, 3),
+  fig, axes = plt.subplots(1, len(with_transfer), figsize=(2.6 * len(with_transfer) + 1, 3.4),
                            squeeze=False, constrained_layout=True)
   for ax, (name, r) in zip(axes[0], with_transfer.items(), strict=True):
     matrix = np.asarray(r["robust"][str(eps)]["transfer"]["member_to_member"])
