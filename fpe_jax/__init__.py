@@ -18,6 +18,7 @@ from fpe_jax import (  # noqa: F401
     nn,
     sharding,
     sparse,
+    sparse_expansion,
     train,
 )
 from fpe_jax.tasks import boolean  # noqa: F401

@@ -21,6 +21,7 @@ Everything here is pure (no I/O); the binaries in experiments/ add flags, files 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -266,6 +267,24 @@ class PipelineResult:
 
 LayerHook = Callable[[int, Params, jax.Array, Params, dict], dict]
 
+# Module-level jits (no per-call lambdas, params as arguments, not baked-in constants): every
+# run_pipeline call of a sweep reuses their compilations.
+_ATTENTION = jax.jit(llama.attention_sublayer, static_argnums=0)
+_FFN_INPUT = jax.jit(llama.ffn_input, static_argnums=0)
+_DENSE_BLOCK = jax.jit(llama.block_apply, static_argnums=0)
+_EMBED = jax.jit(llama.embed)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation",))
+def _ffn_residual(ffn: Params, h: jax.Array, x: jax.Array, *, implementation: str) -> jax.Array:
+  return h + ffn_apply(ffn, x, implementation)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_sum(model_cfg: llama.LlamaConfig, params: Params, h: jax.Array, tokens: jax.Array
+             ) -> jax.Array:
+  return jnp.sum(llama.hidden_nll(model_cfg, params, h, tokens))
+
 
 def _batched(fn, arrays: Sequence[jax.Array], batch_size: int) -> jax.Array:
   """fn over leading-axis batches of the arrays, concatenated (bounded peak memory)."""
@@ -311,11 +330,9 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
     compress_fn = compress_ffn_experts if cfg.method == "sparse_expansion" else (
         compress_ffn_single)
 
-  attention = jax.jit(llama.attention_sublayer, static_argnums=0)
-  ffn_input = jax.jit(llama.ffn_input, static_argnums=0)
-  dense_block = jax.jit(llama.block_apply, static_argnums=0)
-  ffn_residual = jax.jit(lambda ffn, h, x: h + ffn_apply(ffn, x, cfg.expert_matmul))
-  embed = jax.jit(llama.embed)
+  attention, ffn_input, dense_block, embed = (
+      _ATTENTION, _FFN_INPUT, _DENSE_BLOCK, _EMBED)
+  ffn_residual = functools.partial(_ffn_residual, implementation=cfg.expert_matmul)
 
   h_eval = _batched(lambda t: embed(params, t), [jnp.asarray(eval_windows)], batch_size)
   last = layers[-1] if layers else -1
@@ -348,9 +365,9 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
     del ffn, a_eval
     if progress is not None:
       progress(layers.index(layer) + 1, len(layers))
-  nll_fn = jax.jit(lambda h, t: jnp.sum(llama.hidden_nll(model_cfg, params, h, t)))
   eval_windows = jnp.asarray(eval_windows)
-  total = sum(float(nll_fn(h_eval[s:s + batch_size], eval_windows[s:s + batch_size]))
+  total = sum(float(_nll_sum(model_cfg, params, h_eval[s:s + batch_size],
+                             eval_windows[s:s + batch_size]))
               for s in range(0, eval_windows.shape[0], batch_size))
   mean_nll = total / (eval_windows.shape[0] * (eval_windows.shape[1] - 1))
   return PipelineResult(float(np.exp(mean_nll)), mean_nll, records)

@@ -9,11 +9,22 @@ import pytest
 from fpe_jax.data import gguf_loader
 from fpe_jax.models import llama
 
+TEXT = "It is a truth universally acknowledged, that"
+
 
 @pytest.fixture(scope="module")
 def checkpoint():
   ckpt = gguf_loader.load_llama_gguf()
   return ckpt._replace(params=jax.device_put(ckpt.params))
+
+
+@pytest.fixture(scope="module")
+def text_logits(checkpoint):
+  """(tokens [seq], jitted llama.forward logits [seq, vocab]) of TEXT, shared by two tests."""
+  tokens = np.asarray(checkpoint.tokenizer.encode(TEXT).ids)
+  logits = jax.jit(llama.forward, static_argnums=0)(checkpoint.config, checkpoint.params,
+                                                    jnp.asarray(tokens)[None])[0]
+  return tokens, logits
 
 
 def _numpy_forward(ckpt, tokens):
@@ -74,11 +85,8 @@ def test_greedy_capital_of_france(checkpoint):
   assert tok.decode([int(out[0])]) == " Paris"
 
 
-def test_logits_match_numpy_reference(checkpoint):
-  text = "It is a truth universally acknowledged, that"
-  tokens = np.asarray(checkpoint.tokenizer.encode(text).ids)
-  ours = jax.jit(llama.forward, static_argnums=0)(checkpoint.config, checkpoint.params,
-                                                  jnp.asarray(tokens)[None])[0]
+def test_logits_match_numpy_reference(checkpoint, text_logits):
+  tokens, ours = text_logits
   ref = _numpy_forward(checkpoint, tokens)
   rel = np.linalg.norm(np.asarray(ours, np.float64) - ref) / np.linalg.norm(ref)
   assert rel < 1e-4, rel
@@ -112,9 +120,9 @@ def test_perplexity_batched_matches_per_window(checkpoint):
   assert 1.0 < ppl < 1000.0
 
 
-def test_block_functions_compose_to_forward(checkpoint):
+def test_block_functions_compose_to_forward(checkpoint, text_logits):
   cfg, params = checkpoint.config, checkpoint.params
-  tokens = jnp.asarray(checkpoint.tokenizer.encode("Anne Elliot walked to Uppercross.").ids)[None]
+  tokens, logits = jnp.asarray(text_logits[0])[None], text_logits[1]
   attention = jax.jit(llama.attention_sublayer, static_argnums=0)
   ffn_input = jax.jit(llama.ffn_input, static_argnums=0)
   h = llama.embed(params, tokens)
@@ -125,8 +133,8 @@ def test_block_functions_compose_to_forward(checkpoint):
     # A replacement FFN that recomputes the dense FFN from captured activations.
     inter = llama.swiglu(x @ block["w_gate"], x @ block["w_up"])
     h = llama.ffn_sublayer(cfg, block, h, ffn=lambda _x, inter=inter, b=block: inter @ b["w_down"])
-  np.testing.assert_allclose(llama.logits_from_hidden(cfg, params, h),
-                             llama.forward(cfg, params, tokens), rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(llama.logits_from_hidden(cfg, params, h)[0], logits, rtol=2e-4,
+                             atol=2e-4)
 
 
 def test_bad_config_is_rejected():

@@ -1,5 +1,9 @@
 """Sparse Expansion pipeline: block-by-block compression on a small random Llama (the
-mechanics), routed experts against a per-token reference, and bad input of the binaries."""
+mechanics), routed experts against a per-token reference, and bad input of the binaries.
+
+Compilation dominates these tests' time, so they share shapes: every pipeline call uses
+BATCH (3 windows: 8 calibration windows make batches 3, 3, 2 and 4 held-out ones 3, 1,
+so partial batches are covered) and both expert routers project to the same PCA size."""
 
 import os
 import subprocess
@@ -15,6 +19,7 @@ from fpe_jax import sparse_expansion as se
 from fpe_jax.metrics import wasserstein_to_gaussian
 from fpe_jax.models import llama
 
+BATCH = 3
 CFG = llama.LlamaConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                         d_ff=128, rope_base=1e4)
 
@@ -40,7 +45,7 @@ def setup():
 def test_dense_pipeline_matches_full_forward(setup):
   params, calib, held_out = setup
   result = se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out,
-                           se.CompressionConfig(method="dense"), batch_size=3)
+                           se.CompressionConfig(method="dense"), batch_size=BATCH)
   np.testing.assert_allclose(result.perplexity, llama.perplexity(CFG, params, held_out),
                              rtol=1e-5)
 
@@ -55,14 +60,16 @@ def test_sequential_calibration_sees_compressed_earlier_blocks(setup):
     seen[layer], ffns[layer] = np.asarray(x), ffn
     return {"layer": layer}
 
-  result = se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg, batch_size=5,
-                           layer_hook=hook)
+  result = se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg,
+                           batch_size=BATCH, layer_hook=hook)
   assert [r["layer"] for r in result.layers] == [0, 1]
   # Block 1's calibration input is block 0 with ITS COMPRESSED FFN.
   b0, b1 = llama.block_params(params, 0), llama.block_params(params, 1)
-  h = llama.attention_sublayer(CFG, b0, llama.embed(params, calib))
+  # Jitted only because op-by-op dispatch of the attention costs seconds here.
+  attention = jax.jit(llama.attention_sublayer, static_argnums=0)
+  h = attention(CFG, b0, llama.embed(params, calib))
   h = h + se.ffn_apply(ffns[0], llama.ffn_input(CFG, b0, h))
-  x1 = llama.ffn_input(CFG, b1, llama.attention_sublayer(CFG, b1, h))
+  x1 = llama.ffn_input(CFG, b1, attention(CFG, b1, h))
   np.testing.assert_allclose(seen[1], np.asarray(x1).reshape(-1, 64), rtol=1e-4, atol=1e-5)
   # Block 0's FFN is SparseGPT on the Hessian of its calibration inputs.
   want, _ = sparse.sparsegpt(b0["w_gate"], sparse.hessian_from_inputs(seen[0]), sparsity=0.5)
@@ -79,8 +86,9 @@ def test_expert_ffn_matches_per_token_reference(setup):
   params, calib, _ = setup
   block = llama.block_params(params, 0)
   x = jax.random.normal(jax.random.key(2), (128, 64))
+  # pca_components=4 for both routers (inputs 64 and 128 wide): one k-means compilation.
   cfg = se.CompressionConfig(method="sparse_expansion", sparsity=0.5, num_experts=3,
-                             kmeans_restarts=2, kmeans_iters=10)
+                             pca_components=4, kmeans_restarts=2, kmeans_iters=10)
   ffn, info = se.compress_ffn_experts(jax.random.key(3), block, x, cfg)
   assert ffn["w_gate"]["w"].shape == (3, 64, 128) and ffn["w_down"]["w"].shape == (3, 128, 64)
   ids_in = np.asarray(info["ids_in"])
@@ -94,7 +102,8 @@ def test_expert_ffn_matches_per_token_reference(setup):
   inter = g / (1 + np.exp(-g)) * u
   ids_mid = np.asarray(se.cluster.route(ffn["router_mid"], jnp.asarray(inter, jnp.float32)))
   ref = [inter[t] @ w["w_down"]["w"][ids_mid[t]] for t in rows]
-  np.testing.assert_allclose(se.ffn_apply(ffn, x), np.stack(ref), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(jax.jit(se.ffn_apply)(ffn, x), np.stack(ref), rtol=1e-4,
+                             atol=1e-4)
   # Each expert is SparseGPT of the dense weights on its own cluster's Hessian.
   for k in range(3):
     want, _ = sparse.sparsegpt(block["w_up"], sparse.hessian_from_inputs(x[ids_in == k]),
