@@ -15,7 +15,6 @@ neurons' incoming weights, clause load) of the expanded layer go to results.json
 
 import functools
 import itertools
-import os
 import time
 
 import jax
@@ -24,7 +23,7 @@ import numpy as np
 from absl import flags
 
 from experiments import boolean_plots, common
-from fpe_jax import checkpoint, fpe, metrics, nn, sharding, train
+from fpe_jax import fpe, metrics, nn, sharding, train
 from fpe_jax.tasks import boolean as dnf
 
 FLAGS = flags.FLAGS
@@ -183,12 +182,8 @@ class Trainer:
     """
     x, y, _, _ = stacked_data(points)
     plain_masks = state.masks
-    store = checkpoint.Checkpoints(os.path.join(self.run_dir.checkpoints, phase))
     first = int(state.step[0])
-    start = store.latest_step() or first
-    if start > first:
-      state = store.restore(start, state)
-      self.run_dir.drop_logs_after(lambda r: r.get("phase") != phase or r["step"] <= start)
+    store, state, start = self.run_dir.resume(phase, state, first_step=first)
     self.done_steps += start - first
     if kernel:
       state = state._replace(masks=kernel_masks(plain_masks))

@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
+from fpe_jax import checkpoint
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", "runs", "Root folder of run directories.")
@@ -122,6 +124,27 @@ class RunDir:
     os.makedirs(self.plots, exist_ok=True)
     write_text(flags_file, self.flags_text)
     return self
+
+  def resume(self, phase: str, state, *, first_step: int = 0, log_key: str = "phase"):
+    """Opens the orbax checkpoints of `phase` and restores the newest one, if any.
+
+    Args:
+      phase: the phase's name (its checkpoint folder and its log records' `log_key`).
+      state: the phase's initial state (also the structure to restore into).
+      first_step: the step `state` is at.
+      log_key: the log field naming the phase.
+
+    Returns:
+      (store, state, start): `start` is the step the returned state is at. After a
+      restore, the log records of this phase past `start` are dropped, so a resumed run
+      logs every chunk once.
+    """
+    store = checkpoint.Checkpoints(os.path.join(self.checkpoints, phase))
+    start = store.latest_step() or first_step
+    if start > first_step:
+      state = store.restore(start, state)
+      self.drop_logs_after(lambda r: r.get(log_key) != phase or r.get("step", 0) <= start)
+    return store, state, start
 
   def log(self, record: dict) -> None:
     with open(os.path.join(self.path, "metrics.jsonl"), "a") as f:

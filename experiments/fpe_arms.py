@@ -44,7 +44,7 @@ import numpy as np
 import optax
 
 from experiments import common
-from fpe_jax import checkpoint, fpe, metrics, nn, sharding, train
+from fpe_jax import fpe, metrics, nn, sharding, train
 
 FPE_SPLITS = ("random", "feature", "overlap")
 ARMS = ("dense",) + FPE_SPLITS + ("dropconnect",)
@@ -236,12 +236,8 @@ class Runner:
     """Trains a run-stacked state to `end_step`, resuming from its checkpoints."""
     s = self.s
     phase = f"{self.task}_{phase}"
-    store = checkpoint.Checkpoints(os.path.join(self.run_dir.checkpoints, phase))
     first = int(state.step[0])
-    start = store.latest_step() or first
-    if start > first:
-      state = store.restore(start, state)
-      self.run_dir.drop_logs_after(lambda r: r.get("phase") != phase or r["step"] <= start)
+    store, state, start = self.run_dir.resume(phase, state, first_step=first)
     self.progress.done += start - first
     state = jax.tree.map(jnp.copy, state)  # the chunks donate their input
     t0 = time.perf_counter()
