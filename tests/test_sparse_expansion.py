@@ -3,7 +3,8 @@ mechanics), routed experts against a per-token reference, and bad input of the b
 
 Compilation dominates these tests' time, so they share shapes: every pipeline call uses
 BATCH (3 windows: 8 calibration windows make batches 3, 3, 2 and 4 held-out ones 3, 1,
-so partial batches are covered) and both expert routers project to the same PCA size."""
+so partial batches are covered), both expert routers project to the same PCA size, and XLA's
+optimisation passes are off for this module (the model is tiny: compiling is the cost)."""
 
 import os
 import subprocess
@@ -33,6 +34,15 @@ def _params(key):
   blocks["ffn_norm"] = 1 + 0.1 * jax.random.normal(next(keys), (2, 64))
   return {"embed": jax.random.normal(next(keys), (96, 64)), "final_norm": jnp.ones(64),
           "blocks": blocks}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  # Restored after this module: other test files keep XLA's default optimisations.
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture(scope="module")
