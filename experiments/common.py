@@ -192,8 +192,9 @@ class Progress:
     elapsed = time.perf_counter() - self.t0
     rate = (done - self.start) / elapsed if elapsed > 0 else 0.0
     eta = (self.total - done) / rate if rate > 0 else float("nan")
+    rate_text = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"  # slow work: 0.0067 runs/s
     line = (f"{self.label}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%), "
-            f"{rate:,.0f} {self.unit}/s, elapsed {_clock(elapsed)}, ETA {_clock(eta)}"
+            f"{rate_text} {self.unit}/s, elapsed {_clock(elapsed)}, ETA {_clock(eta)}"
             + (f"  {extra}" if extra else ""))
     print(line, flush=True)
     return line
