@@ -37,7 +37,7 @@ import optax
 from absl import flags
 
 from experiments import common
-from fpe_jax import attacks, checkpoint, ensemble, sharding
+from fpe_jax import attacks, ensemble, sharding
 from fpe_jax.data import fashion_mnist, mnist5k
 from fpe_jax.models import cnn
 
@@ -211,11 +211,7 @@ def train_ensemble(run_dir: common.RunDir, name: str, loss_name: str, key: jax.A
   loss_fn = ensemble.make_loss(apply_fn, loss_config(loss_name), members)
   chunk = jax.jit(ensemble.make_train_chunk(loss_fn, optimizer, batch_size=FLAGS.batch_size,
                                             steps=FLAGS.chunk_steps), donate_argnums=0)
-  store = checkpoint.Checkpoints(os.path.join(run_dir.checkpoints, name))
-  start = store.latest_step() or 0
-  if start:
-    state = store.restore(start, state)
-    run_dir.drop_logs_after(lambda r: r.get("method") != name or r.get("step", 0) <= start)
+  store, state, start = run_dir.resume(name, state, log_key="method")
   x, y = (jnp.asarray(a) for a in train)
   data_key = jax.random.fold_in(key, 1)
   progress = common.Progress(f"train {name}", FLAGS.train_steps, start=start)
