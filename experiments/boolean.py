@@ -137,10 +137,6 @@ def sizes(width: int) -> list[int]:
   return [FLAGS.d] + [width] * FLAGS.depth + [1]
 
 
-def apply_fn(params, masks, x):
-  return nn.apply_mlp(params, masks, x)
-
-
 def make_optimizer():
   return train.make_optimizer(FLAGS.optimizer, FLAGS.learning_rate)
 
@@ -150,7 +146,7 @@ def train_program(chunk_steps: int):
   """The jitted, run-vmapped chunk of `chunk_steps` steps (compiled once per shape)."""
   devices = len(jax.devices())
   batch_sharding = sharding.batch_sharding(sharding.make_mesh(), 2) if devices > 1 else None
-  chunk = train.make_train_chunk(apply_fn, train.sigmoid_bce, make_optimizer(),
+  chunk = train.make_train_chunk(nn.apply_mlp, train.sigmoid_bce, make_optimizer(),
                                  batch_size=FLAGS.batch_size, steps=chunk_steps,
                                  batch_sharding=batch_sharding)
   return jax.jit(jax.vmap(chunk), donate_argnums=0)
@@ -272,7 +268,7 @@ def train_width(trainer: Trainer, cfg: Config, width: int) -> list[dict]:
 def evaluate(state: train.TrainState, points, width: int, *, split: str, alpha: int):
   """Test accuracy and interference metrics of each run of a stacked state."""
   _, _, x_test, y_test = stacked_data(points)
-  acc = jax.jit(jax.vmap(functools.partial(train.accuracy, apply_fn)))(
+  acc = jax.jit(jax.vmap(functools.partial(train.accuracy, nn.apply_mlp)))(
       state.params, state.masks, x_test, y_test)
   records = []
   for i, (c, s) in enumerate(points):
