@@ -22,6 +22,7 @@ works block by block takes `block_params(params, i)` and calls `attention_sublay
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -201,6 +202,18 @@ def hidden_nll(cfg: LlamaConfig, params: Params, h: jax.Array, tokens: jax.Array
   return token_nll(logits_from_hidden(cfg, params, h), tokens)
 
 
+# Module-level jits (the config is static and hashable): repeated calls reuse the compiled
+# programs instead of tracing a fresh closure each time.
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_sum(cfg: LlamaConfig, params: Params, tokens: jax.Array) -> jax.Array:
+  return jnp.sum(token_nll(forward(cfg, params, tokens), tokens))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_logits(cfg: LlamaConfig, params: Params, tokens: jax.Array) -> jax.Array:
+  return forward(cfg, params, tokens)[0, -1]
+
+
 def perplexity(cfg: LlamaConfig, params: Params, windows: jax.Array,
                batch_size: int = 8) -> float:
   """exp(mean next-token NLL) over windows, each scored independently with a causal mask.
@@ -216,10 +229,9 @@ def perplexity(cfg: LlamaConfig, params: Params, windows: jax.Array,
   """
   if windows.ndim != 2 or windows.shape[1] < 2:
     raise ValueError(f"windows must be [n_windows, seq>=2], got shape {windows.shape}")
-  nll_fn = jax.jit(lambda p, t: jnp.sum(token_nll(forward(cfg, p, t), t)))
   total = 0.0
   for start in range(0, windows.shape[0], batch_size):
-    total += float(nll_fn(params, jnp.asarray(windows[start:start + batch_size])))
+    total += float(_nll_sum(cfg, params, jnp.asarray(windows[start:start + batch_size])))
   return float(jnp.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
 
 
@@ -238,9 +250,8 @@ def greedy_decode(cfg: LlamaConfig, params: Params, prompt: jax.Array,
   """
   tokens = jnp.asarray(prompt)[None]
   out = []
-  fwd = jax.jit(lambda p, t: forward(cfg, p, t)[0, -1])
   for _ in range(num_tokens):
-    nxt = jnp.argmax(fwd(params, tokens)).astype(tokens.dtype)
+    nxt = jnp.argmax(_last_logits(cfg, params, tokens)).astype(tokens.dtype)
     out.append(nxt)
     tokens = jnp.concatenate([tokens, nxt[None, None]], axis=1)
   return jnp.stack(out)
