@@ -509,7 +509,7 @@ def sparsegpt(
     n_m: optional (n, m), 0 <= n < m: prune the n lowest of every m consecutive inputs of
       each output (d_in and block_size must be multiples of m).
     block_size: inputs per block (the paper's B = 128). Blocks are unrolled at trace
-      time, so compile time grows with d_in / block_size: keep blocks in the tens+.
+      time, so compile time grows with d_in / block_size (prefer 32 or more).
     damp: relative damping (the paper's 0.01).
     damp_growth: factor between retries.
     max_damp_tries: number of dampings tried, the first included.
