@@ -17,7 +17,8 @@ the black-box surrogate. Every ensemble is then evaluated on the same --n_eval t
   the member-to-member transfer matrix (PGD on member i, judged on member j and on the
     ensemble, over points every member gets right);
   gradient-masking checks (fpe_jax.attacks.gradient_masking_checks). A failed check is
-    printed as a WARNING and listed under "failed_checks" in results.json.
+    printed as a WARNING as soon as its method is evaluated and again at the end, and
+    listed under "failed_checks" in results.json.
 
 Outputs in <workdir>/ncen/<run_name>/: flags.txt, metrics.jsonl, results.json, table.txt,
 plots/robust_accuracy_vs_eps.png, plots/transfer_matrices.png, checkpoints/<method>/
@@ -424,6 +425,18 @@ def run_checks(record, stacked, accuracy, ensemble_ce) -> dict:
 # ----------------------------------------------------------------------------- reporting
 
 
+def failed_checks(name: str, record: dict) -> list[str]:
+  return [f"{name}/{check}" for check, ok in record["checks"].get("passed", {}).items()
+          if not ok]
+
+
+def warn_failed_checks(failed: list[str]) -> None:
+  for item in failed:
+    message = f"WARNING: gradient-masking check FAILED: {item}"
+    print(message, flush=True)
+    print(message, file=sys.stderr, flush=True)
+
+
 def table(records: dict) -> str:
   eps_list = _floats(FLAGS.eps)
   head = (["method", "clean"] + [f"WB@{e:g}" for e in eps_list] + [f"BB@{e:g}" for e in eps_list]
@@ -538,13 +551,10 @@ def main(argv):
                              jax.random.fold_in(key, 3))
     common.write_text(path, json.dumps(records[name], indent=2))
     run_dir.log({"method": name, "evaluation": "done", "clean": records[name]["clean_accuracy"]})
+    warn_failed_checks(failed_checks(name, records[name]))  # now, not hours later
 
-  failed = [f"{name}/{check}" for name, r in records.items()
-            for check, ok in r["checks"].get("passed", {}).items() if not ok]
-  for item in failed:
-    message = f"WARNING: gradient-masking check FAILED: {item}"
-    print(message, flush=True)
-    print(message, file=sys.stderr, flush=True)
+  failed = [item for name, r in records.items() for item in failed_checks(name, r)]
+  warn_failed_checks(failed)
   text = table(records)
   print(text)
   common.write_text(os.path.join(run_dir.path, "table.txt"), text + "\n")

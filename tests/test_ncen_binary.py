@@ -55,6 +55,19 @@ def _without_timings(tree):
   return tree
 
 
+def test_failed_check_is_flagged_when_found_at_the_end_and_in_results(tmp_path):
+  # At eps 0 the "large eps" attack cannot lower accuracy, so with a zero threshold the
+  # check must fail (the barely trained tiny model gets 5 of its 20 points right).
+  result = _run(TINY + ["--large_eps=0", "--large_eps_threshold=0", "--run_name=masked"],
+                tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((tmp_path / "ncen" / "masked" / "results.json").read_text())
+  assert results["failed_checks"] == ["ncen/large_eps_accuracy_near_zero"]
+  assert not results["all_checks_passed"]
+  warning = "WARNING: gradient-masking check FAILED: ncen/large_eps_accuracy_near_zero"
+  assert result.stderr.count(warning) == 2  # when ncen's evaluation ends, and at the end
+
+
 def test_tiny_run_then_refuse_then_resume(tmp_path):
   run = tmp_path / "ncen" / "tiny"
   first = _run(TINY, tmp_path)
