@@ -330,19 +330,17 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
     compress_fn = compress_ffn_experts if cfg.method == "sparse_expansion" else (
         compress_ffn_single)
 
-  attention, ffn_input, dense_block, embed = (
-      _ATTENTION, _FFN_INPUT, _DENSE_BLOCK, _EMBED)
   ffn_residual = functools.partial(_ffn_residual, implementation=cfg.expert_matmul)
 
-  h_eval = _batched(lambda t: embed(params, t), [jnp.asarray(eval_windows)], batch_size)
+  h_eval = _batched(lambda t: _EMBED(params, t), [jnp.asarray(eval_windows)], batch_size)
   last = layers[-1] if layers else -1
-  h_cal = _batched(lambda t: embed(params, t), [jnp.asarray(calib_windows)], batch_size) if (
+  h_cal = _batched(lambda t: _EMBED(params, t), [jnp.asarray(calib_windows)], batch_size) if (
       layers) else None
   records = []
   for layer in range(n_layers):
     block = llama.block_params(params, layer)
     if layer not in layers:
-      run = lambda h, b=block: dense_block(model_cfg, b, h)  # noqa: E731
+      run = lambda h, b=block: _DENSE_BLOCK(model_cfg, b, h)  # noqa: E731
       h_eval = _batched(run, [h_eval], batch_size)
       if h_cal is not None and layer < last:
         h_cal = _batched(run, [h_cal], batch_size)
@@ -350,8 +348,8 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
         h_cal = None
       continue
     key, layer_key = jax.random.split(key)
-    attn = lambda h, b=block: attention(model_cfg, b, h)  # noqa: E731
-    norm = lambda h, b=block: ffn_input(model_cfg, b, h)  # noqa: E731
+    attn = lambda h, b=block: _ATTENTION(model_cfg, b, h)  # noqa: E731
+    norm = lambda h, b=block: _FFN_INPUT(model_cfg, b, h)  # noqa: E731
     a_cal = _batched(attn, [h_cal], batch_size)
     x_cal = _batched(norm, [a_cal], batch_size)
     ffn, info = compress_fn(layer_key, block, x_cal.reshape(-1, model_cfg.d_model), cfg)
