@@ -11,14 +11,18 @@ unless --overwrite. An unfinished one is resumed from its checkpoints when start
 with the same flags, and refused if the flags differ.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags, logging
 
 from fpe_jax import checkpoint
@@ -73,9 +77,39 @@ def flag_validator(name: str, check: Callable, message: str) -> None:
 
 def maybe_initialize_distributed() -> None:
   if FLAGS.multihost:
-    import jax
-
     jax.distributed.initialize()
+
+
+# ------------------------------------------------------------------ flags and configs
+
+
+def int_list(values: Sequence[str]) -> list[int] | None:
+  """A comma-list flag's values as ints, or None if one is not an integer."""
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    return None
+
+
+def float_list(values: Sequence[str]) -> list[float] | None:
+  """A comma-list flag's values as floats, or None if one is not a number."""
+  try:
+    return [float(v) for v in values]
+  except ValueError:
+    return None
+
+
+def config_record(config) -> dict:
+  """A frozen config dataclass as plain JSON-able data (for results.json)."""
+  def plain(value):
+    if isinstance(value, tuple | list):
+      return [plain(v) for v in value]
+    if isinstance(value, dict):
+      return {str(k): plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value):
+      return config_record(value)
+    return value
+  return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
 def resolved_flags(module_name: str) -> str:
@@ -143,7 +177,9 @@ class RunDir:
     start = store.latest_step() or first_step
     if start > first_step:
       state = store.restore(start, state)
-      self.drop_logs_after(lambda r: r.get(log_key) != phase or r.get("step", 0) <= start)
+    # Chunks are logged before they are saved: a run killed in between logged a chunk that
+    # it will train again. Drop it, whether or not a checkpoint was restored.
+    self.drop_logs_after(lambda r: r.get(log_key) != phase or r.get("step", 0) <= start)
     return store, state, start
 
   def log(self, record: dict) -> None:
@@ -182,11 +218,24 @@ def write_text(path: str, text: str) -> None:
 
 
 class Progress:
-  """Prints `label: step i/n (p%), rate steps/s, elapsed, ETA` lines for long loops."""
+  """Prints `label: step i/n (p%), rate steps/s, elapsed, ETA` lines for long loops.
+
+  `done` counts the work done so far; `skip` counts work restored from a checkpoint (done,
+  but not in the rate), `advance` work done now.
+  """
 
   def __init__(self, label: str, total: int, start: int = 0, unit: str = "steps"):
-    self.label, self.total, self.start, self.unit = label, total, start, unit
+    self.label, self.total, self.start, self.unit = label, max(total, 1), start, unit
+    self.done = start
     self.t0 = time.perf_counter()
+
+  def skip(self, amount: int) -> None:
+    self.done += amount
+    self.start += amount
+
+  def advance(self, amount: int, extra: str = "") -> str:
+    self.done += amount
+    return self.update(self.done, extra)
 
   def update(self, done: int, extra: str = "") -> str:
     elapsed = time.perf_counter() - self.t0
@@ -205,3 +254,72 @@ def _clock(seconds: float) -> str:
     return "?"
   seconds = int(round(seconds))
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# ------------------------------------------------------------------------ phase loop
+
+
+def train_phase(run_dir: RunDir, phase: str, state, chunk_fn: Callable, *args,
+                end_step: int, chunk_steps: int, progress: Progress,
+                log_key: str = "phase"):
+  """The checkpointed phase loop of every binary that trains.
+
+  Resumes `phase` from its newest checkpoint (or starts at `state.step`), then calls
+  `state, metrics = chunk_fn(state, *args)` (a jitted `train.make_train_chunk`, vmapped
+  over runs or not) until `end_step`; after each chunk it logs one metrics.jsonl record,
+  saves the state and prints a progress line.
+
+  Args:
+    run_dir: the open run directory.
+    phase: the phase's name: its checkpoint folder and the `log_key` field of its records.
+    state: a `train.TrainState` (its `step` a scalar, or one entry per vmapped run, all
+      equal); also the structure checkpoints restore into.
+    chunk_fn: advances the state by `chunk_steps` steps; it may donate its input (the
+      caller's `state` is copied first).
+    *args: the chunk's other arguments (data, keys, per-run loss arguments).
+    end_step: the step the phase ends at; `end_step - state.step` must be a multiple of
+      `chunk_steps`.
+    chunk_steps: steps per call.
+    progress: advanced by every chunk (restored chunks count as skipped).
+    log_key: the record field that names the phase.
+
+  Returns:
+    The state at `end_step`.
+
+  Log records: `{log_key: phase, "step", <metric>: value}` for a single run, or
+  `{..., "runs": R, "<metric>_mean", "<metric>_max"}` over R vmapped runs, plus "seconds"
+  since the phase (re)started.
+  """
+  first = int(np.asarray(state.step).reshape(-1)[0])
+  if (end_step - first) % chunk_steps:
+    raise ValueError(f"phase {phase}: {end_step - first} steps are not a multiple of "
+                     f"chunk_steps={chunk_steps}")
+  store, state, start = run_dir.resume(phase, state, first_step=first, log_key=log_key)
+  progress.skip(start - first)
+  state = jax.tree.map(jnp.copy, state)  # the chunks may donate their input: keep the caller's
+  t0 = time.perf_counter()
+  for step in range(start + chunk_steps, end_step + 1, chunk_steps):
+    state, metrics = chunk_fn(state, *args)
+    summary = summarize_metrics(metrics)
+    run_dir.log({log_key: phase, "step": step, **summary,
+                 "seconds": round(time.perf_counter() - t0, 3)})
+    store.save(step, state)
+    means = {k: v for k, v in summary.items() if not k.endswith("_max") and k != "runs"}
+    progress.advance(chunk_steps, f"[{phase} " + " ".join(
+        f"{k.removesuffix('_mean')} {v:.4f}" for k, v in sorted(means.items())) + "]")
+  store.close()
+  return state
+
+
+def summarize_metrics(metrics: dict) -> dict:
+  """Scalars as floats; per-run vectors [R] as `runs`, `<name>_mean` and `<name>_max`."""
+  out = {}
+  for name, value in metrics.items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      out[name] = float(value)
+    else:
+      out["runs"] = int(value.shape[0])
+      out[f"{name}_mean"] = float(value.mean())
+      out[f"{name}_max"] = float(value.max())
+  return out
