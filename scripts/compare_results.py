@@ -36,7 +36,7 @@ def differences(before, after, path: str = "") -> list[str]:
   if isinstance(before, list) and isinstance(after, list):
     if len(before) != len(after):
       return [f"{path}: {len(before)} vs {len(after)} entries"]
-    return [d for i, (b, a) in enumerate(zip(before, after)) for d in
+    return [d for i, (b, a) in enumerate(zip(before, after, strict=True)) for d in
             differences(b, a, f"{path}[{i}]")]
   return [] if before == after else [f"{path}: {before!r} vs {after!r}"]
 
