@@ -102,6 +102,8 @@ def float_list(values: Sequence[str]) -> list[float] | None:
 def config_record(config) -> dict:
   """A frozen config dataclass as plain JSON-able data (for results.json)."""
   def plain(value):
+    if hasattr(value, "_asdict"):  # a NamedTuple config (cnn.CNNConfig, ensemble.LossConfig)
+      return plain(value._asdict())
     if isinstance(value, tuple | list):
       return [plain(v) for v in value]
     if isinstance(value, dict):
