@@ -2,8 +2,8 @@ r"""Step-time ratios of ensemble training: NCEn (double backprop) and vmapped me
 
   python -m experiments.bench_ncen [--architecture=small --width=32 --batch_size=128]
 
-Prints, for M members on one Fashion-MNIST batch (Adam, jitted steps, timed after a
-warm-up compile, median over --repeats of --iters steps):
+Prints, for M members on one Fashion-MNIST batch (Adam, one-step `train.make_train_chunk`
+calls, timed after a warm-up compile, median over --repeats of --iters steps):
   1. NCEn step (vmapped, double backprop through input gradients) / independent step
      (vmapped, plain CE);
   2. one vmapped step of M independent members / M single-member steps run one after
@@ -18,10 +18,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from absl import app, flags
 
-from fpe_jax import ensemble
+from fpe_jax import ensemble, train
 from fpe_jax.data import fashion_mnist
 from fpe_jax.models import cnn
 
@@ -37,6 +36,15 @@ for _name in ("width", "hidden", "batch_size", "iters", "repeats"):
   flags.register_validator(_name, lambda v: v >= 1, message=f"--{_name}: must be >= 1")
 flags.register_validator("num_members", lambda v: v >= 2,
                          message="--num_members: must be >= 2 (NCEn compares members)")
+
+
+def one_step(loss_fn, optimizer):
+  """A jitted one-step chunk, (state, x, y) -> (state, metrics); its minibatch is drawn
+  (with replacement, as in training) from the --batch_size images x."""
+  chunk = jax.jit(train.make_train_chunk(loss_fn, optimizer, batch_size=FLAGS.batch_size,
+                                         steps=1))
+  key = jax.random.key(0)
+  return lambda state, x, y: chunk(state, x, y, key)
 
 
 def seconds_per_step(step, state, x, y) -> float:
@@ -60,22 +68,21 @@ def main(argv):
   members = FLAGS.num_members
   images, labels = fashion_mnist.load_fashion_mnist("train")
   x, y = jnp.asarray(images[:FLAGS.batch_size]), jnp.asarray(labels[:FLAGS.batch_size])
-  optimizer = optax.adam(1e-3)
+  optimizer = train.make_optimizer("adam", 1e-3)
   stacked = ensemble.init_members(functools.partial(cnn.init_cnn, config=config),
                                   jax.random.key(0), members)
 
   def timed(name, member_map):
     loss = ensemble.make_loss(apply_fn, ensemble.LossConfig(name=name, member_map=member_map),
                               members)
-    step = ensemble.make_train_step(loss, optimizer, donate=False)
-    return seconds_per_step(step, ensemble.init_train_state(stacked, optimizer), x, y)
+    return seconds_per_step(one_step(loss, optimizer), train.init_state(stacked, optimizer), x, y)
 
   ncen, independent = timed("ncen", "vmap"), timed("independent", "vmap")
   ncen_unrolled, independent_unrolled = timed("ncen", "unroll"), timed("independent", "unroll")
 
   single_loss = ensemble.make_loss(apply_fn, ensemble.LossConfig(name="independent"), 1)
-  single_step = ensemble.make_train_step(single_loss, optimizer, donate=False)
-  singles = [ensemble.init_train_state(ensemble.stack_members([p]), optimizer)
+  single_step = one_step(single_loss, optimizer)
+  singles = [train.init_state(ensemble.stack_members([p]), optimizer)
              for p in ensemble.unstack_members(stacked)]
 
   def sequential(states, xb, yb):

@@ -20,11 +20,27 @@ the black-box surrogate. Every ensemble is then evaluated on the same --n_eval t
     printed as a WARNING as soon as its method is evaluated and again at the end, and
     listed under "failed_checks" in results.json.
 
-Outputs in <workdir>/ncen/<run_name>/: flags.txt, metrics.jsonl, results.json, table.txt,
-plots/robust_accuracy_vs_eps.png, plots/transfer_matrices.png, checkpoints/<method>/
-(orbax, for resume) and evals/<method>.json (finished evaluations, skipped on resume).
+Devices: a 2-D mesh `data` x `member` (--data_devices x --member_devices). Members are
+split over `member`; each training minibatch is split over `data` and the gradients are
+all-reduced by XLA; the attacks run on the member-sharded params with whole batches.
+
+PRNG streams, all from key = jax.random.key(--seed) by `fold_in`:
+  fold_in(key, 7)   the permutation of the test split whose first --n_eval points are attacked;
+  fold_in(key, 1)   every method's ensemble key (so all methods start from the same members);
+  fold_in(key, 2)   the surrogate's ensemble key;
+  for an ensemble key k: members are initialised from split(fold_in(k, 0), M), and
+    minibatch t is drawn from train.step_key(fold_in(k, 1), t);
+  fold_in(key, 3)   the attack key a, the same for every method: the restarts use
+    split(a, --pgd_restarts) (single runs the first of them) for every eps, objective and
+    the black-box attack; transfer batch i uses fold_in(a, i), split over the members.
+
+Outputs in <workdir>/ncen/<run_name>/: flags.txt, metrics.jsonl, results.json (with the
+run's "config"), table.txt, plots/robust_accuracy_vs_eps.png, plots/transfer_matrices.png,
+checkpoints/<method>/ (orbax, for resume) and evals/<method>.json (finished evaluations,
+skipped on resume).
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -34,11 +50,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags
 
 from experiments import common
-from fpe_jax import attacks, ensemble, sharding
+from fpe_jax import attacks, ensemble, sharding, train
 from fpe_jax.data import fashion_mnist, mnist5k
 from fpe_jax.models import cnn
 
@@ -46,6 +61,7 @@ FLAGS = flags.FLAGS
 DATASETS = ("fashion_mnist", "mnist5k")
 TARGET_CHOICES = ("ensemble", "mean_logits", "max_member", "members")
 SURROGATE = "surrogate"
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 flags.DEFINE_enum("dataset", "fashion_mnist", DATASETS, "Image data set.")
 flags.DEFINE_integer("train_size", 0, "Training images used (0: the whole training split).")
@@ -91,24 +107,11 @@ flags.DEFINE_enum("member_map", "auto", ("auto",) + ensemble.MEMBER_MAPS,
                   "How members are applied: vmap, unroll (faster convs on CPU), or auto "
                   "(unroll on CPU with one member device, else vmap). Same numbers.")
 flags.DEFINE_integer("member_devices", 1, "Devices on the mesh axis `member` (shards members).")
+flags.DEFINE_integer("data_devices", 0, "Devices on the mesh axis `data` (splits each training "
+                     "minibatch); 0: all devices / --member_devices.")
 flags.DEFINE_integer("seed", 0, "Seed of everything.")
 
-
-def _floats(value):
-  try:
-    return [float(v) for v in value]
-  except ValueError:
-    return None
-
-
-def _ints(value):
-  try:
-    return [int(v) for v in value]
-  except ValueError:
-    return None
-
-
-common.flag_validator("eps", lambda v: bool(v) and (x := _floats(v)) is not None
+common.flag_validator("eps", lambda v: bool(v) and (x := common.float_list(v)) is not None
                       and min(x) >= 0, "must be a non-empty list of numbers >= 0")
 common.flag_validator("large_eps", lambda v: v >= 0, "must be >= 0")
 common.flag_validator("methods", lambda v: bool(v) and set(v) <= set(ensemble.LOSSES),
@@ -119,198 +122,322 @@ common.flag_validator("attack_losses", lambda v: bool(v) and set(v) <= set(attac
                       f"must be a non-empty list from {list(attacks.ATTACK_LOSSES)}")
 common.flag_validator("targets", lambda v: bool(v) and set(v) <= set(TARGET_CHOICES),
                       f"must be a non-empty list from {list(TARGET_CHOICES)}")
-common.flag_validator("steps_check", lambda v: (x := _ints(v)) is not None and all(
+common.flag_validator("steps_check", lambda v: (x := common.int_list(v)) is not None and all(
     s >= 1 for s in x), "must be a list of integers >= 1")
 for _name in ("num_members", "n_eval", "eval_batch_size", "width", "hidden", "batch_size",
               "train_steps", "chunk_steps", "pgd_steps", "pgd_restarts", "mim_steps",
               "member_devices"):
   common.flag_validator(_name, lambda v: v >= 1, "must be >= 1")
-for _name in ("train_size", "clean_eval_size"):
+for _name in ("train_size", "clean_eval_size", "data_devices"):
   common.flag_validator(_name, lambda v: v >= 0, "must be >= 0")
 for _name in ("learning_rate", "step_fraction"):
   common.flag_validator(_name, lambda v: v > 0, "must be > 0")
 
 
-# ----------------------------------------------------------------------------- setup
+# ----------------------------------------------------------------------------- config
 
 
-def model_config() -> cnn.CNNConfig:
-  mean, std = ((fashion_mnist.PIXEL_MEAN, fashion_mnist.PIXEL_STD)
-               if FLAGS.dataset == "fashion_mnist" else (0.1307, 0.3081))  # MNIST statistics
-  return cnn.CNNConfig(architecture=FLAGS.architecture, width=FLAGS.width, hidden=FLAGS.hidden,
-                       activation=FLAGS.activation, input_mean=mean, input_std=std)
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The images.
+
+  Attributes:
+    dataset: one of DATASETS.
+    train_size: training images used (0: the whole training split).
+    clean_eval_size: test images for clean accuracy (0: the whole test split).
+    n_eval: test images attacked (the first of a fixed permutation).
+    eval_batch_size: images per evaluation batch; divides n_eval.
+  """
+  dataset: str
+  train_size: int
+  clean_eval_size: int
+  n_eval: int
+  eval_batch_size: int
 
 
-def member_map() -> str:
-  if FLAGS.member_map != "auto":
-    return FLAGS.member_map
-  return "unroll" if jax.default_backend() == "cpu" and FLAGS.member_devices == 1 else "vmap"
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How every ensemble is trained.
+
+  Attributes:
+    methods: the training losses compared, from ensemble.LOSSES.
+    num_members: M.
+    optimizer: a train.OPTIMIZERS name.
+    learning_rate: its learning rate.
+    batch_size: images per step (a multiple of the mesh's data devices).
+    train_steps: steps per ensemble (a multiple of chunk_steps).
+    chunk_steps: steps per jitted chunk, the checkpoint interval.
+  """
+  methods: tuple[str, ...]
+  num_members: int
+  optimizer: str
+  learning_rate: float
+  batch_size: int
+  train_steps: int
+  chunk_steps: int
 
 
-def loss_config(name: str) -> ensemble.LossConfig:
-  return ensemble.LossConfig(member_map=member_map(),
-      name=name, lam_dir=FLAGS.lam_dir, lam_mag=FLAGS.lam_mag, lam_ncl=FLAGS.lam_ncl,
-      gal_lam=FLAGS.gal_lam, adp_alpha=FLAGS.adp_alpha, adp_beta=FLAGS.adp_beta,
-      trs_coeff=FLAGS.trs_coeff, trs_lam=FLAGS.trs_lam, trs_scale=FLAGS.trs_scale)
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+  """The adversarial evaluation.
+
+  Attributes:
+    eps: the L_inf radii.
+    large_eps: a radius at which robust accuracy must be about 0 (check).
+    large_eps_threshold: the most accuracy allowed there.
+    attacks: from attacks.ATTACKS.
+    objectives: the PGD objectives, every target x attack loss ("members" expanded to each
+      member); FGSM, MIM, the black-box attack and the checks use ("ensemble", "ce").
+    pgd_steps: PGD steps.
+    pgd_restarts: PGD random restarts (robust = survives all).
+    step_fraction: PGD step size / eps.
+    mim_steps: MIM iterations.
+    mim_decay: MIM momentum decay.
+    steps_check: fewer PGD steps compared with pgd_steps (check).
+    check_tolerance: slack on the monotonicity checks.
+  """
+  eps: tuple[float, ...]
+  large_eps: float
+  large_eps_threshold: float
+  attacks: tuple[str, ...]
+  objectives: tuple[attacks.ObjectiveChoice, ...]
+  pgd_steps: int
+  pgd_restarts: int
+  step_fraction: float
+  mim_steps: int
+  mim_decay: float
+  steps_check: tuple[int, ...]
+  check_tolerance: float
+
+  @property
+  def ensemble_ce(self) -> int:
+    """The index of the ("ensemble", "ce") objective."""
+    return self.objectives.index(attacks.ObjectiveChoice("ensemble", "ce"))
+
+  @property
+  def check_eps(self) -> float:
+    """The radius of the steps / restarts / target checks: the middle one."""
+    return self.eps[len(self.eps) // 2]
 
 
-def load_data():
-  if FLAGS.dataset == "fashion_mnist":
-    train = fashion_mnist.load_fashion_mnist("train")
-    test = fashion_mnist.load_fashion_mnist("test")
-  else:
-    train, test = mnist5k.load_mnist5k("train"), mnist5k.load_mnist5k("test")
-  if FLAGS.train_size:
-    train = tuple(a[:FLAGS.train_size] for a in train)
-  if FLAGS.clean_eval_size:
-    test = tuple(a[:FLAGS.clean_eval_size] for a in test)
-  return train, test
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device mesh `data` x `member`.
+
+  Attributes:
+    data: devices that split each training minibatch.
+    member: devices that split the members (divides num_members).
+  """
+  data: int
+  member: int
 
 
-def validate_cross_flags(num_train: int, num_test: int) -> None:
-  """Checks that need several flags or the data, before anything is written."""
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run depends on, read from the flags once (`config_from_flags`).
+
+  Attributes:
+    data: the images.
+    model: the member architecture.
+    loss: the loss weights shared by every method and how members are applied; its `name`
+      is replaced by each method's (`loss_config`).
+    train: the training of every ensemble.
+    attack: the adversarial evaluation.
+    mesh: the device mesh.
+    seed: the seed of every PRNG stream (module docstring).
+  """
+  data: DataConfig
+  model: cnn.CNNConfig
+  loss: ensemble.LossConfig
+  train: TrainConfig
+  attack: AttackConfig
+  mesh: MeshConfig
+  seed: int
+
+  def loss_config(self, method: str) -> ensemble.LossConfig:
+    return self.loss._replace(name=method)
+
+
+def expand_targets(targets, losses, members: int) -> tuple[attacks.ObjectiveChoice, ...]:
+  """Every (target, loss) pair in flag order; the target "members" is each member."""
+  choices = []
+  for target in targets:
+    pairs = ([("member", i) for i in range(members)] if target == "members"
+             else [(target, None)])
+    choices += [attacks.ObjectiveChoice(t, loss, m) for t, m in pairs for loss in losses]
+  return tuple(choices)
+
+
+def config_from_flags() -> Config:
+  """The run's config: the one place that reads FLAGS, with every check across flags.
+
+  Raises:
+    common.UsageError: a one-line `--flag: message` for the first bad combination.
+  """
   members = FLAGS.num_members
   for name in FLAGS.methods:
     common.validate("num_members", not (name in ensemble.CORRELATION_LOSSES and members < 2),
                     f"{members}: method {name!r} compares members and needs --num_members >= 2")
   common.validate("eval_batch_size", FLAGS.n_eval % FLAGS.eval_batch_size == 0,
                   f"{FLAGS.eval_batch_size} must divide --n_eval={FLAGS.n_eval}")
-  common.validate("n_eval", FLAGS.n_eval <= num_test,
-                  f"{FLAGS.n_eval} exceeds the {num_test} test images")
-  common.validate("train_size", FLAGS.train_size <= num_train,
-                  f"{FLAGS.train_size} exceeds the {num_train} training images")
   common.validate("train_steps", FLAGS.train_steps % FLAGS.chunk_steps == 0,
                   f"{FLAGS.train_steps} must be a multiple of --chunk_steps={FLAGS.chunk_steps}")
+  devices = len(jax.devices())
   common.validate("member_devices", members % FLAGS.member_devices == 0
-                  and FLAGS.member_devices <= len(jax.devices()),
+                  and FLAGS.member_devices <= devices,
                   f"{FLAGS.member_devices} must divide --num_members={members} and be at most "
-                  f"the {len(jax.devices())} devices")
+                  f"the {devices} devices")
+  data_devices = FLAGS.data_devices or devices // FLAGS.member_devices
+  common.validate("data_devices", data_devices * FLAGS.member_devices <= devices,
+                  f"{data_devices} x --member_devices={FLAGS.member_devices} exceeds the "
+                  f"{devices} devices")
+  common.validate("batch_size", FLAGS.batch_size % data_devices == 0,
+                  f"{FLAGS.batch_size} must be a multiple of the {data_devices} data devices "
+                  "(--data_devices)")
   common.validate("targets", "ensemble" in FLAGS.targets,
                   "must include 'ensemble' (the black-box attack and the checks use it)")
   common.validate("attack_losses", "ce" in FLAGS.attack_losses,
                   "must include 'ce' (the black-box attack and the checks use it)")
-  common.validate("steps_check", all(s <= FLAGS.pgd_steps for s in _ints(FLAGS.steps_check)),
+  steps_check = tuple(common.int_list(FLAGS.steps_check))
+  common.validate("steps_check", all(s <= FLAGS.pgd_steps for s in steps_check),
                   f"every entry must be <= --pgd_steps={FLAGS.pgd_steps}")
+  mean, std = ((fashion_mnist.PIXEL_MEAN, fashion_mnist.PIXEL_STD)
+               if FLAGS.dataset == "fashion_mnist" else (MNIST_MEAN, MNIST_STD))
+  model = cnn.CNNConfig(architecture=FLAGS.architecture, width=FLAGS.width, hidden=FLAGS.hidden,
+                        activation=FLAGS.activation, input_mean=mean, input_std=std)
   try:
-    cnn.validate_config(model_config())
+    cnn.validate_config(model)
   except ValueError as e:
     raise common.UsageError(f"--architecture/--activation: {e}") from e
+  member_map = FLAGS.member_map
+  if member_map == "auto":
+    member_map = ("unroll" if jax.default_backend() == "cpu" and FLAGS.member_devices == 1
+                  else "vmap")
+  return Config(
+      data=DataConfig(dataset=FLAGS.dataset, train_size=FLAGS.train_size,
+                      clean_eval_size=FLAGS.clean_eval_size, n_eval=FLAGS.n_eval,
+                      eval_batch_size=FLAGS.eval_batch_size),
+      model=model,
+      loss=ensemble.LossConfig(
+          lam_dir=FLAGS.lam_dir, lam_mag=FLAGS.lam_mag, lam_ncl=FLAGS.lam_ncl,
+          gal_lam=FLAGS.gal_lam, adp_alpha=FLAGS.adp_alpha, adp_beta=FLAGS.adp_beta,
+          trs_coeff=FLAGS.trs_coeff, trs_lam=FLAGS.trs_lam, trs_scale=FLAGS.trs_scale,
+          member_map=member_map),
+      train=TrainConfig(methods=tuple(FLAGS.methods), num_members=members, optimizer="adam",
+                        learning_rate=FLAGS.learning_rate, batch_size=FLAGS.batch_size,
+                        train_steps=FLAGS.train_steps, chunk_steps=FLAGS.chunk_steps),
+      attack=AttackConfig(
+          eps=tuple(common.float_list(FLAGS.eps)), large_eps=FLAGS.large_eps,
+          large_eps_threshold=FLAGS.large_eps_threshold, attacks=tuple(FLAGS.attacks),
+          objectives=expand_targets(FLAGS.targets, FLAGS.attack_losses, members),
+          pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
+          step_fraction=FLAGS.step_fraction, mim_steps=FLAGS.mim_steps,
+          mim_decay=FLAGS.mim_decay, steps_check=steps_check,
+          check_tolerance=FLAGS.check_tolerance),
+      mesh=MeshConfig(data=data_devices, member=FLAGS.member_devices),
+      seed=FLAGS.seed)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def load_data(config: DataConfig):
+  """(train, test) image/label arrays, cut to the configured sizes (checked against the data)."""
+  if config.dataset == "fashion_mnist":
+    train_set = fashion_mnist.load_fashion_mnist("train")
+    test_set = fashion_mnist.load_fashion_mnist("test")
+  else:
+    train_set, test_set = mnist5k.load_mnist5k("train"), mnist5k.load_mnist5k("test")
+  common.validate("n_eval", config.n_eval <= len(test_set[1]),
+                  f"{config.n_eval} exceeds the {len(test_set[1])} test images")
+  common.validate("train_size", config.train_size <= len(train_set[1]),
+                  f"{config.train_size} exceeds the {len(train_set[1])} training images")
+  if config.train_size:
+    train_set = tuple(a[:config.train_size] for a in train_set)
+  if config.clean_eval_size:
+    test_set = tuple(a[:config.clean_eval_size] for a in test_set)
+  return train_set, test_set
+
+
+def make_mesh(config: MeshConfig) -> jax.sharding.Mesh:
+  """The `data` x `member` mesh over the first data * member devices."""
+  return sharding.make_mesh({"data": config.data, "member": config.member},
+                            devices=jax.devices()[:config.data * config.member])
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def train_ensemble(run_dir: common.RunDir, name: str, loss_name: str, key: jax.Array,
-                   train, apply_fn, init_fn, mesh) -> ensemble.Params:
-  """Trains (or resumes) one ensemble; returns its stacked params."""
-  members = FLAGS.num_members
-  optimizer = optax.adam(FLAGS.learning_rate)
+def train_ensemble(run_dir: common.RunDir, config: Config, phase: str, method: str,
+                   key: jax.Array, train_set, apply_fn, init_fn, mesh) -> ensemble.Params:
+  """Trains (or resumes) one ensemble with loss `method`; returns its stacked params.
+
+  Args:
+    run_dir: the open run directory.
+    config: the run's config.
+    phase: the checkpoint folder and log name (the method, or the surrogate).
+    method: the training loss, from ensemble.LOSSES.
+    key: the ensemble key (module docstring: members from fold_in(key, 0), minibatches
+      from fold_in(key, 1)).
+    train_set: (x [n, 28, 28, 1], y [n]) replicated on the mesh.
+    apply_fn, init_fn: one member's CNN.
+    mesh: the `data` x `member` mesh.
+  """
+  members = config.train.num_members
+  optimizer = train.make_optimizer(config.train.optimizer, config.train.learning_rate)
   stacked = ensemble.init_members(init_fn, jax.random.fold_in(key, 0), members)
-  if mesh is not None:
-    stacked = ensemble.shard_members(stacked, mesh)
-  state = ensemble.init_train_state(stacked, optimizer)
-  loss_fn = ensemble.make_loss(apply_fn, loss_config(loss_name), members)
-  chunk = jax.jit(ensemble.make_train_chunk(loss_fn, optimizer, batch_size=FLAGS.batch_size,
-                                            steps=FLAGS.chunk_steps), donate_argnums=0)
-  store, state, start = run_dir.resume(name, state, log_key="method")
-  x, y = (jnp.asarray(a) for a in train)
-  data_key = jax.random.fold_in(key, 1)
-  progress = common.Progress(f"train {name}", FLAGS.train_steps, start=start)
-  t0 = time.perf_counter()
-  for step in range(start + FLAGS.chunk_steps, FLAGS.train_steps + 1, FLAGS.chunk_steps):
-    state, metrics = chunk(state, x, y, data_key)
-    metrics = {k: float(v) for k, v in metrics.items()}
-    run_dir.log({"method": name, "step": step, **metrics,
-                 "seconds": round(time.perf_counter() - t0, 3)})
-    store.save(step, state)
-    progress.update(step, " ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
-  store.close()
+  state = train.init_state(ensemble.shard_members(stacked, mesh), optimizer)
+  loss_fn = ensemble.make_loss(apply_fn, config.loss_config(method), members)
+  x, y = train_set
+  chunk = jax.jit(train.make_train_chunk(
+      loss_fn, optimizer, batch_size=config.train.batch_size, steps=config.train.chunk_steps,
+      batch_sharding=sharding.batch_sharding(mesh, x.ndim)), donate_argnums=0)
+  progress = common.Progress(f"train {phase}", config.train.train_steps)
+  state = common.train_phase(run_dir, phase, state, chunk, x, y, jax.random.fold_in(key, 1),
+                             end_step=config.train.train_steps,
+                             chunk_steps=config.train.chunk_steps, progress=progress,
+                             log_key="method")
   return state.params
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def target_names(members: int) -> list[tuple[str, int | None]]:
-  names = []
-  for target in FLAGS.targets:
-    if target == "members":
-      names += [("member", i) for i in range(members)]
-    else:
-      names.append((target, None))
-  return names
-
-
-def label(target: str, member: int | None) -> str:
-  return f"member{member}" if target == "member" else target
-
-
-def objective_table(apply_fn, stacked, x, labels):
-  """[T * L, B]: every (target, attack loss) objective, so one program serves them all."""
-  logits = ensemble.member_logits(apply_fn, stacked, x, member_map())
-  outputs = {"ensemble": ensemble.combine_logits(logits, "log_mean_prob"),
-             "mean_logits": ensemble.combine_logits(logits, "mean_logits")}
-  rows = []
-  for target, member in target_names(logits.shape[0]):
-    for loss in FLAGS.attack_losses:
-      if target == "max_member":
-        per_member = jax.vmap(attacks.attack_loss, in_axes=(0, None, None))(logits, labels, loss)
-        rows.append(jnp.max(per_member, axis=0))
-      elif target == "member":
-        rows.append(attacks.attack_loss(logits[member], labels, loss))
-      else:
-        rows.append(attacks.attack_loss(outputs[target], labels, loss))
-  return jnp.stack(rows)
-
-
-def make_evaluators(apply_fn):
+def make_evaluators(apply_fn, config: Config):
   """Jitted evaluators whose eps, steps, restarts and objective choice are traced arguments,
-  so each compiles once for all methods, radii and targets."""
-
-  def objective(stacked, choice):
-    return lambda x, labels: objective_table(apply_fn, stacked, x, labels)[choice]
-
-  def predictor(stacked):
-    return attacks.ensemble_predictor(apply_fn, stacked, member_map=member_map())
+  so each compiles once for all methods, radii and objectives."""
+  member_map = config.loss.member_map
+  attack = config.attack
 
   @functools.partial(jax.jit, static_argnames="kind")
   def robust(attack_params, judge_params, x, labels, keys, eps, steps, restarts, choice, kind):
     """[B] robust mask: crafted on attack_params (white-box: the judged ensemble itself)."""
-    obj = objective(attack_params, choice)
-    if kind == "fgsm":
-      attack = lambda xb, yb, key: attacks.fgsm(obj, xb, yb, eps)
-    elif kind == "mim":
-      attack = lambda xb, yb, key: attacks.mim(obj, xb, yb, eps=eps, steps=FLAGS.mim_steps,
-                                               decay=FLAGS.mim_decay)
+    objective = attacks.select_objective(
+        attacks.objective_table(apply_fn, attack_params, attack.objectives, member_map), choice)
+    if kind == "mim":
+      attack_fn = attacks.make_attack("mim", objective, eps=eps, steps=attack.mim_steps,
+                                      decay=attack.mim_decay)
     else:
-      attack = lambda xb, yb, key: attacks.pgd(obj, xb, yb, key, eps=eps, steps=steps,
-                                               step_size=eps * FLAGS.step_fraction)
-    judge = predictor(judge_params)
-
-    def restart(carry, key):
-      alive, index = carry
-      survived = attacks.predicts(judge, attack(x, labels, key), labels)
-      # Restarts beyond `restarts` are computed but ignored (one program for every count).
-      return (alive & (survived | (index >= restarts)), index + 1), None
-
-    start = (attacks.predicts(judge, x, labels), jnp.zeros((), jnp.int32))
-    return jax.lax.scan(restart, start, keys)[0][0]
+      attack_fn = attacks.make_attack(kind, objective, eps=eps, steps=steps,
+                                      step_size=eps * attack.step_fraction)
+    judge = attacks.ensemble_predictor(apply_fn, judge_params, member_map=member_map)
+    return attacks.robust_mask(judge, attack_fn, x, labels, keys, restarts)
 
   @jax.jit
   def transfer(stacked, x, labels, key, eps):
     return attacks.transfer_counts(apply_fn, stacked, x, labels, key, eps=eps,
-                                   steps=FLAGS.pgd_steps, step_size=eps * FLAGS.step_fraction,
-                                   member_map=member_map())
+                                   steps=attack.pgd_steps, step_size=eps * attack.step_fraction,
+                                   member_map=member_map)
 
   @jax.jit
   def clean(stacked, x, labels):
-    logits = ensemble.member_logits(apply_fn, stacked, x, member_map())
+    logits = ensemble.member_logits(apply_fn, stacked, x, member_map)
     ens = jnp.argmax(ensemble.combine_logits(logits), -1) == labels
     return jnp.sum(ens), jnp.sum(jnp.argmax(logits, -1) == labels, axis=-1)
 
   @jax.jit
   def grad_stats(stacked, x, labels):
-    return ensemble.gradient_statistics(apply_fn, stacked, x, labels, member_map())
+    return ensemble.gradient_statistics(apply_fn, stacked, x, labels, member_map)
 
   return robust, transfer, clean, grad_stats
 
@@ -320,16 +447,15 @@ def batches(x, y, size):
     yield jnp.asarray(x[start:start + size]), jnp.asarray(y[start:start + size])
 
 
-def evaluate(name, stacked, surrogate, test, eval_set, evaluators, key) -> dict:
-  """All figures of one ensemble (see the module docstring)."""
+def evaluate(config: Config, name, stacked, surrogate, test, eval_set, evaluators, key) -> dict:
+  """All figures of one ensemble (see the module docstring); `key` is the attack key."""
   robust_fn, transfer_fn, clean_fn, grad_stats_fn = evaluators
-  members = FLAGS.num_members
-  size = FLAGS.eval_batch_size
-  eps_list = _floats(FLAGS.eps)
-  names = target_names(members)
-  choices = [(label(t, m), loss) for t, m in names for loss in FLAGS.attack_losses]
-  ensemble_ce = choices.index(("ensemble", "ce")) if ("ensemble", "ce") in choices else 0
-  restarts_keys = jax.random.split(key, FLAGS.pgd_restarts)
+  attack = config.attack
+  members = config.train.num_members
+  size = config.data.eval_batch_size
+  objectives = attack.objectives
+  ensemble_ce = attack.ensemble_ce
+  restarts_keys = jax.random.split(key, attack.pgd_restarts)
 
   # Clean accuracy over the whole (clean) test split, in attack-sized batches.
   counts = [clean_fn(stacked, xb, yb) for xb, yb in batches(*test, size)]
@@ -347,77 +473,82 @@ def evaluate(name, stacked, surrogate, test, eval_set, evaluators, key) -> dict:
     return np.concatenate([np.asarray(a) for a in alive])
 
   per_eps = {}
-  for eps in eps_list:
+  for eps in attack.eps:
     t0 = time.perf_counter()
     masks, entry = {}, {"pgd": {}}
-    for index, (target, loss) in enumerate(choices):
-      if "pgd" in FLAGS.attacks:
-        masks[f"pgd/{target}/{loss}"] = accuracy(stacked, eps, FLAGS.pgd_steps,
-                                                 FLAGS.pgd_restarts, index, "pgd")
-        entry["pgd"][f"{target}/{loss}"] = float(masks[f"pgd/{target}/{loss}"].mean())
+    for index, objective in enumerate(objectives):
+      if "pgd" in attack.attacks:
+        masks[f"pgd/{objective.label}"] = accuracy(stacked, eps, attack.pgd_steps,
+                                                   attack.pgd_restarts, index, "pgd")
+        entry["pgd"][objective.label] = float(masks[f"pgd/{objective.label}"].mean())
     for kind in ("fgsm", "mim"):
-      if kind in FLAGS.attacks:
+      if kind in attack.attacks:
         masks[kind] = accuracy(stacked, eps, 1, 1, ensemble_ce, kind)
         entry[kind] = float(masks[kind].mean())
     white = np.logical_and.reduce(list(masks.values()))
     entry["white_box"] = float(white.mean())
-    if "pgd" in FLAGS.attacks:
-      entry["pgd_ensemble_ce"] = float(masks[f"pgd/{choices[ensemble_ce][0]}/"
-                                             f"{choices[ensemble_ce][1]}"].mean())
+    if "pgd" in attack.attacks:
+      entry["pgd_ensemble_ce"] = float(masks[f"pgd/{objectives[ensemble_ce].label}"].mean())
       entry["by_target"] = {
-          t: float(np.logical_and.reduce([masks[f"pgd/{t}/{loss}"]
-                                          for loss in FLAGS.attack_losses]).mean())
-          for t in {c[0] for c in choices}}
-      entry["black_box"] = float(accuracy(surrogate, eps, FLAGS.pgd_steps, FLAGS.pgd_restarts,
+          target: float(np.logical_and.reduce([masks[f"pgd/{o.label}"] for o in objectives
+                                               if o.target_label == target]).mean())
+          for target in {o.target_label for o in objectives}}
+      entry["black_box"] = float(accuracy(surrogate, eps, attack.pgd_steps, attack.pgd_restarts,
                                           ensemble_ce, "pgd").mean())
-      counts = [transfer_fn(stacked, xb, yb, jax.random.fold_in(key, i), eps)
-                for i, (xb, yb) in enumerate(batches(*eval_set, size))]
-      points = int(sum(int(c["points"]) for c in counts))
-      m2m = sum(np.asarray(c["member_to_member"]) for c in counts) / max(points, 1)
-      m2e = sum(np.asarray(c["member_to_ensemble"]) for c in counts) / max(points, 1)
-      off = ~np.eye(members, dtype=bool)
-      entry["transfer"] = {"points": points, "member_to_member": m2m.tolist(),
-                           "member_to_ensemble": m2e.tolist(),
-                           "mean_offdiagonal": float(m2m[off].mean()) if members > 1 else None,
-                           "mean_diagonal": float(np.diag(m2m).mean())}
+      entry["transfer"] = transfer_entry(
+          [transfer_fn(stacked, xb, yb, jax.random.fold_in(key, i), eps)
+           for i, (xb, yb) in enumerate(batches(*eval_set, size))], members)
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     per_eps[str(eps)] = entry
     print(f"  {name} eps={eps}: white-box {entry['white_box']:.3f}"
           + (f", black-box {entry['black_box']:.3f}" if "black_box" in entry else "")
           + f" ({entry['seconds']} s)", flush=True)
   record["robust"] = per_eps
-  record["checks"] = run_checks(record, stacked, accuracy, ensemble_ce)
+  record["checks"] = run_checks(attack, record, stacked, accuracy)
   return record
 
 
-def run_checks(record, stacked, accuracy, ensemble_ce) -> dict:
+def transfer_entry(counts: list[dict], members: int) -> dict:
+  """Transfer rates from the per-batch `attacks.transfer_counts`."""
+  points = int(sum(int(c["points"]) for c in counts))
+  m2m = sum(np.asarray(c["member_to_member"]) for c in counts) / max(points, 1)
+  m2e = sum(np.asarray(c["member_to_ensemble"]) for c in counts) / max(points, 1)
+  off = ~np.eye(members, dtype=bool)
+  return {"points": points, "member_to_member": m2m.tolist(),
+          "member_to_ensemble": m2e.tolist(),
+          "mean_offdiagonal": float(m2m[off].mean()) if members > 1 else None,
+          "mean_diagonal": float(np.diag(m2m).mean())}
+
+
+def run_checks(attack: AttackConfig, record, stacked, accuracy) -> dict:
   """The gradient-masking checks, with the extra attacks they need."""
-  eps_list = _floats(FLAGS.eps)
   per_eps = record["robust"]
-  check_eps = eps_list[len(eps_list) // 2]
-  inputs = {"white_box_accuracy": {e: per_eps[str(e)]["white_box"] for e in eps_list}}
-  if "pgd" not in FLAGS.attacks:
+  check_eps = attack.check_eps
+  ensemble_ce = attack.ensemble_ce
+  inputs = {"white_box_accuracy": {e: per_eps[str(e)]["white_box"] for e in attack.eps}}
+  if "pgd" not in attack.attacks:
     return {"skipped": "the checks need --attacks to include pgd"}
-  large = accuracy(stacked, FLAGS.large_eps, FLAGS.pgd_steps, 1, ensemble_ce, "pgd")
+  large = accuracy(stacked, attack.large_eps, attack.pgd_steps, 1, ensemble_ce, "pgd")
   inputs["large_eps_accuracy"] = float(large.mean())
-  inputs["pgd_accuracy"] = {e: per_eps[str(e)]["pgd_ensemble_ce"] for e in eps_list}
-  inputs["fgsm_accuracy"] = ({e: per_eps[str(e)]["fgsm"] for e in eps_list}
-                             if "fgsm" in FLAGS.attacks else {})
-  one_restart = float(accuracy(stacked, check_eps, FLAGS.pgd_steps, 1, ensemble_ce,
+  inputs["pgd_accuracy"] = {e: per_eps[str(e)]["pgd_ensemble_ce"] for e in attack.eps}
+  inputs["fgsm_accuracy"] = ({e: per_eps[str(e)]["fgsm"] for e in attack.eps}
+                             if "fgsm" in attack.attacks else {})
+  one_restart = float(accuracy(stacked, check_eps, attack.pgd_steps, 1, ensemble_ce,
                                "pgd").mean())
   inputs["accuracy_by_steps"] = {
       s: float(accuracy(stacked, check_eps, s, 1, ensemble_ce, "pgd").mean())
-      for s in sorted(set(_ints(FLAGS.steps_check)) - {FLAGS.pgd_steps})}
-  inputs["accuracy_by_steps"][FLAGS.pgd_steps] = one_restart
+      for s in sorted(set(attack.steps_check) - {attack.pgd_steps})}
+  inputs["accuracy_by_steps"][attack.pgd_steps] = one_restart
   # The restarts share their first key with the single run, as in the main evaluation.
   inputs["accuracy_by_restarts"] = {1: one_restart,
-                                    FLAGS.pgd_restarts: inputs["pgd_accuracy"][check_eps]}
-  inputs["transfer_accuracy"] = [{e: per_eps[str(e)]["black_box"] for e in eps_list}]
+                                    attack.pgd_restarts: inputs["pgd_accuracy"][check_eps]}
+  inputs["transfer_accuracy"] = [{e: per_eps[str(e)]["black_box"] for e in attack.eps}]
   by_target = per_eps[str(check_eps)]["by_target"]
   inputs["accuracy_by_target"] = {t: a for t, a in by_target.items()
                                   if t in ("ensemble", "mean_logits", "max_member")}
   passed = attacks.gradient_masking_checks(
-      **inputs, large_eps_threshold=FLAGS.large_eps_threshold, tolerance=FLAGS.check_tolerance)
+      **inputs, large_eps_threshold=attack.large_eps_threshold,
+      tolerance=attack.check_tolerance)
   return {"passed": passed, "check_eps": check_eps,
           "inputs": json.loads(json.dumps(inputs, default=float))}
 
@@ -437,8 +568,7 @@ def warn_failed_checks(failed: list[str]) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def table(records: dict) -> str:
-  eps_list = _floats(FLAGS.eps)
+def table(records: dict, eps_list) -> str:
   head = (["method", "clean"] + [f"WB@{e:g}" for e in eps_list] + [f"BB@{e:g}" for e in eps_list]
           + ["transfer", "cos", "|g|", "checks"])
   rows = []
@@ -463,13 +593,13 @@ def table(records: dict) -> str:
   return "\n".join(lines)
 
 
-def plot(records: dict, folder: str) -> None:
+def plot(records: dict, folder: str, config: Config) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  eps_list = _floats(FLAGS.eps)
+  eps_list = config.attack.eps
   fig, ax = plt.subplots(figsize=(6, 4))
   for i, (name, r) in enumerate(records.items()):
     color = f"C{i}"
@@ -482,11 +612,11 @@ def plot(records: dict, folder: str) -> None:
   ax.set_ylabel("robust accuracy")
   ax.set_ylim(0, 1)
   ax.legend(fontsize=7)
-  ax.set_title(f"{FLAGS.dataset}, {FLAGS.num_members} members")
+  ax.set_title(f"{config.data.dataset}, {config.train.num_members} members")
   fig.tight_layout()
   fig.savefig(os.path.join(folder, "robust_accuracy_vs_eps.png"), dpi=120)
   plt.close(fig)
-  eps = eps_list[len(eps_list) // 2]
+  eps = config.attack.check_eps
   with_transfer = {n: r for n, r in records.items() if "transfer" in r["robust"][str(eps)]}
   if not with_transfer:
     return
@@ -516,38 +646,38 @@ def main(argv):
   if len(argv) > 1:
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   common.maybe_initialize_distributed()
-  train, test = load_data()
-  validate_cross_flags(len(train[1]), len(test[1]))
+  config = config_from_flags()
+  train_set, test = load_data(config.data)
   run_dir = common.RunDir("ncen", __name__).open()
   print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""))
   t0 = time.perf_counter()
-  config = model_config()
-  apply_fn = functools.partial(cnn.apply_cnn, config=config)
-  init_fn = functools.partial(cnn.init_cnn, config=config)
-  mesh = None
-  if FLAGS.member_devices > 1:
-    mesh = sharding.make_mesh({"member": FLAGS.member_devices},
-                              devices=jax.devices()[:FLAGS.member_devices])
-  key = jax.random.key(FLAGS.seed)
+  apply_fn = functools.partial(cnn.apply_cnn, config=config.model)
+  init_fn = functools.partial(cnn.init_cnn, config=config.model)
+  mesh = make_mesh(config.mesh)
+  print(f"mesh: data {config.mesh.data} x member {config.mesh.member} "
+        f"({jax.devices()[0].platform}), members applied by {config.loss.member_map}")
+  train_set = tuple(jax.device_put(a, sharding.replicated(mesh)) for a in train_set)
+  key = jax.random.key(config.seed)
   # The attacked subset: a fixed permutation of the test split.
   order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 7), len(test[1])))
-  eval_set = tuple(a[order[:FLAGS.n_eval]] for a in test)
+  eval_set = tuple(a[order[:config.data.n_eval]] for a in test)
 
-  init_key = jax.random.fold_in(key, 1)  # the same initial members for every method
-  surrogate = train_ensemble(run_dir, SURROGATE, "independent", jax.random.fold_in(key, 2),
-                             train, apply_fn, init_fn, mesh)
-  evaluators = make_evaluators(apply_fn)
+  ensemble_key = jax.random.fold_in(key, 1)  # the same initial members for every method
+  surrogate = train_ensemble(run_dir, config, SURROGATE, "independent",
+                             jax.random.fold_in(key, 2), train_set, apply_fn, init_fn, mesh)
+  evaluators = make_evaluators(apply_fn, config)
   os.makedirs(os.path.join(run_dir.path, "evals"), exist_ok=True)
   records = {}
-  for name in FLAGS.methods:
-    stacked = train_ensemble(run_dir, name, name, init_key, train, apply_fn, init_fn, mesh)
+  for name in config.train.methods:
+    stacked = train_ensemble(run_dir, config, name, name, ensemble_key, train_set, apply_fn,
+                             init_fn, mesh)
     path = os.path.join(run_dir.path, "evals", f"{name}.json")
     if os.path.exists(path):
       records[name] = json.loads(common.read_text(path))
       print(f"evaluation of {name}: resumed from {path}")
       continue
-    print(f"evaluating {name} on {FLAGS.n_eval} test points", flush=True)
-    records[name] = evaluate(name, stacked, surrogate, test, eval_set, evaluators,
+    print(f"evaluating {name} on {config.data.n_eval} test points", flush=True)
+    records[name] = evaluate(config, name, stacked, surrogate, test, eval_set, evaluators,
                              jax.random.fold_in(key, 3))
     common.write_text(path, json.dumps(records[name], indent=2))
     run_dir.log({"method": name, "evaluation": "done", "clean": records[name]["clean_accuracy"]})
@@ -555,14 +685,15 @@ def main(argv):
 
   failed = [item for name, r in records.items() for item in failed_checks(name, r)]
   warn_failed_checks(failed)
-  text = table(records)
+  text = table(records, config.attack.eps)
   print(text)
   common.write_text(os.path.join(run_dir.path, "table.txt"), text + "\n")
-  plot(records, run_dir.plots)
+  plot(records, run_dir.plots, config)
   results = {"experiment": "ncen", "flags": run_dir.flags_text.splitlines(),
-             "dataset": FLAGS.dataset, "train_images": len(train[1]),
-             "clean_test_images": len(test[1]), "attacked_images": FLAGS.n_eval,
-             "model": config._asdict(), "params_per_member": cnn.count_params(
+             "config": common.config_record(config),
+             "dataset": config.data.dataset, "train_images": len(train_set[1]),
+             "clean_test_images": len(test[1]), "attacked_images": config.data.n_eval,
+             "model": config.model._asdict(), "params_per_member": cnn.count_params(
                  ensemble.unstack_members(surrogate)[0]),
              "methods": records, "failed_checks": failed,
              "all_checks_passed": not failed,

@@ -13,8 +13,11 @@ black-box attack be crafted on a surrogate ensemble and judged on the target.
 - `pgd`: L_inf PGD (Madry et al.), uniform random start, signed steps of `step_size`
   (default eps / 5), projection after every step.
 - `mim`: momentum iterative method (Dong et al. 2018), L1-normalised gradients, decay mu.
+- `objective_table`: every (target, attack loss) objective of an ensemble from one pass of
+  its members; `select_objective` picks one row by a (traced) index, so one compiled
+  attack serves every choice.
 - `robust_mask`: a point is robust only if it is classified correctly on the clean input
-  and after every restart (independent random starts).
+  and after every restart (independent random starts); the restart count may be traced.
 - `transfer_counts`: PGD on member i, judged on every member j and on the ensemble, over the
   points every member classifies correctly.
 - `gradient_masking_checks`: Carlini et al. (2019)'s sanity checks as named booleans.
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +52,8 @@ def validate(*, eps: float | None = None, attack: str | None = None, loss: str |
              restarts: int | None = None) -> None:
   """Raises a one-line ValueError naming the first invalid argument given.
 
-  Traced values (eps inside jit) are not checked: their value is unknown at trace time.
+  Traced values (eps, steps or restarts inside jit) are not checked: their value is unknown
+  at trace time.
   """
   if isinstance(eps, int | float) and not eps >= 0:
     raise ValueError(f"eps={eps} must be >= 0")
@@ -59,9 +63,9 @@ def validate(*, eps: float | None = None, attack: str | None = None, loss: str |
     raise ValueError(f"attack loss={loss!r} is not one of {list(ATTACK_LOSSES)}")
   if target is not None and target not in TARGETS:
     raise ValueError(f"target={target!r} is not one of {list(TARGETS)}")
-  if steps is not None and steps < 1:
+  if isinstance(steps, int) and steps < 1:
     raise ValueError(f"steps={steps} must be >= 1")
-  if restarts is not None and restarts < 1:
+  if isinstance(restarts, int) and restarts < 1:
     raise ValueError(f"restarts={restarts} must be >= 1")
 
 
@@ -90,6 +94,80 @@ def attack_loss(scores: jax.Array, labels: jax.Array, loss: str = "ce") -> jax.A
   raise ValueError(f"attack loss={loss!r} is not one of {list(ATTACK_LOSSES)}")
 
 
+class ObjectiveChoice(NamedTuple):
+  """One way to attack a stacked ensemble: an output of it and a loss on that output.
+
+  Attributes:
+    target: one of TARGETS: "ensemble" (log of the mean softmax), "mean_logits",
+      "max_member" (per example, the largest of the members' losses) or "member".
+    loss: one of ATTACK_LOSSES, "ce" or "margin".
+    member: the attacked member's index when target == "member", else None.
+  """
+  target: str = "ensemble"
+  loss: str = "ce"
+  member: int | None = None
+
+  @property
+  def target_label(self) -> str:
+    """The target's name, "member<i>" for member i."""
+    return f"member{self.member}" if self.target == "member" else self.target
+
+  @property
+  def label(self) -> str:
+    """The choice's name, "<target_label>/<loss>"."""
+    return f"{self.target_label}/{self.loss}"
+
+
+def objective_table(apply_fn: ApplyFn, stacked: Params, choices: Sequence[ObjectiveChoice],
+                    member_map: str = "vmap") -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Every objective in `choices` from one forward pass of the members.
+
+  Args:
+    apply_fn: one member's (params, x) -> logits.
+    stacked: member params, leaves [M, ...].
+    choices: K (target, loss, member) choices (`ObjectiveChoice`).
+    member_map: "vmap" or "unroll" (see `ensemble.map_members`).
+
+  Returns:
+    (x [B, ...], labels [B]) -> [K, B] losses, row k that of choices[k].
+  """
+  if not choices:
+    raise ValueError("choices must name at least one (target, loss) objective")
+  count = ensemble.num_members(stacked)
+  for choice in choices:
+    validate(target=choice.target, loss=choice.loss)
+    if choice.target == "member" and (choice.member is None or not 0 <= choice.member < count):
+      raise ValueError(f"member={choice.member} must be an index in [0, {count}) for "
+                       "target='member'")
+
+  def table(x, labels):
+    logits = ensemble.member_logits(apply_fn, stacked, x, member_map)
+    outputs = {"ensemble": ensemble.combine_logits(logits, "log_mean_prob"),
+               "mean_logits": ensemble.combine_logits(logits, "mean_logits")}
+    rows = []
+    for choice in choices:
+      if choice.target == "max_member":
+        per_member = jax.vmap(attack_loss, in_axes=(0, None, None))(logits, labels, choice.loss)
+        rows.append(jnp.max(per_member, axis=0))
+      elif choice.target == "member":
+        rows.append(attack_loss(logits[choice.member], labels, choice.loss))
+      else:
+        rows.append(attack_loss(outputs[choice.target], labels, choice.loss))
+    return jnp.stack(rows)
+
+  return table
+
+
+def select_objective(table: Callable[[jax.Array, jax.Array], jax.Array],
+                     choice: int | jax.Array) -> Objective:
+  """Row `choice` of an `objective_table` as one objective.
+
+  `choice` may be traced: one compiled attack then serves every row (the other rows are
+  computed too, but their gradients are zero).
+  """
+  return lambda x, labels: table(x, labels)[choice]
+
+
 def ensemble_objective(apply_fn: ApplyFn, stacked: Params, target: str = "ensemble",
                        loss: str = "ce", member: int | None = None,
                        member_map: str = "vmap") -> Objective:
@@ -98,8 +176,7 @@ def ensemble_objective(apply_fn: ApplyFn, stacked: Params, target: str = "ensemb
   Args:
     apply_fn: one member's (params, x) -> logits.
     stacked: member params, leaves [M, ...].
-    target: "ensemble" (log of the mean softmax), "mean_logits", "max_member" (per example,
-      the largest of the members' losses) or "member" (member `member` alone).
+    target: "ensemble", "mean_logits", "max_member" or "member" (see `ObjectiveChoice`).
     loss: "ce" or "margin".
     member: index of the attacked member when target == "member".
     member_map: "vmap" or "unroll" (see `ensemble.map_members`).
@@ -107,22 +184,9 @@ def ensemble_objective(apply_fn: ApplyFn, stacked: Params, target: str = "ensemb
   Returns:
     (x [B, ...], labels [B]) -> [B] losses.
   """
-  validate(target=target, loss=loss)
-  count = ensemble.num_members(stacked)
-  if target == "member" and (member is None or not 0 <= member < count):
-    raise ValueError(f"member={member} must be an index in [0, {count}) for target='member'")
-
-  def objective(x, labels):
-    logits = ensemble.member_logits(apply_fn, stacked, x, member_map)
-    if target == "ensemble":
-      return attack_loss(ensemble.combine_logits(logits, "log_mean_prob"), labels, loss)
-    if target == "mean_logits":
-      return attack_loss(ensemble.combine_logits(logits, "mean_logits"), labels, loss)
-    if target == "max_member":
-      return jnp.max(jax.vmap(attack_loss, in_axes=(0, None, None))(logits, labels, loss), axis=0)
-    return attack_loss(logits[member], labels, loss)
-
-  return objective
+  table = objective_table(apply_fn, stacked, [ObjectiveChoice(target, loss, member)],
+                          member_map)
+  return select_objective(table, 0)
 
 
 def ensemble_predictor(apply_fn: ApplyFn, stacked: Params, combine: str = "log_mean_prob",
@@ -240,7 +304,7 @@ def predicts(predictor: Predictor, x: jax.Array, labels: jax.Array) -> jax.Array
 
 
 def robust_mask(predictor: Predictor, attack_fn: AttackFn, x: jax.Array, labels: jax.Array,
-                keys: jax.Array) -> jax.Array:
+                keys: jax.Array, restarts: int | jax.Array | None = None) -> jax.Array:
   """Which points survive every restart of an attack.
 
   Args:
@@ -250,15 +314,22 @@ def robust_mask(predictor: Predictor, attack_fn: AttackFn, x: jax.Array, labels:
     x: [B, ...] clean inputs.
     labels: [B].
     keys: [R] PRNG keys, one per restart.
+    restarts: how many of the keys count (default all R); may be traced, so that one
+      compiled program serves every count up to R (the restarts past it are run and
+      ignored).
 
   Returns:
-    [B] bool: correct on x and on all R adversarial inputs.
+    [B] bool: correct on x and on the first `restarts` adversarial inputs.
   """
+  restarts = keys.shape[0] if restarts is None else restarts
 
-  def restart(robust, key):
-    return robust & predicts(predictor, attack_fn(x, labels, key), labels), None
+  def restart(carry, key):
+    robust, index = carry
+    survived = predicts(predictor, attack_fn(x, labels, key), labels)
+    return (robust & (survived | (index >= restarts)), index + 1), None
 
-  return jax.lax.scan(restart, predicts(predictor, x, labels), keys)[0]
+  start = (predicts(predictor, x, labels), jnp.zeros((), jnp.int32))
+  return jax.lax.scan(restart, start, keys)[0][0]
 
 
 def transfer_counts(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,

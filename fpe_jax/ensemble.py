@@ -24,8 +24,9 @@ Losses (papers.md section 3; every loss returns `(scalar, metrics)`):
   TRS:         sum_i CE_i + scale * (coeff * mean_{i<j} |cos(g_i, g_j)| + lam * 2 * mean ||g||^2)
 
 CE terms are means over the batch; cosines are per example, then averaged over the batch.
-The losses that contain g are differentiated w.r.t. the params through grad_x (double
-backprop): `make_train_step` jits one such step per loss.
+`make_loss` turns a loss into a `fpe_jax.train.LossFn`, so ensembles train through the one
+chunk builder, `train.make_train_chunk`; the losses that contain g are differentiated
+w.r.t. the params through grad_x (double backprop).
 """
 
 from __future__ import annotations
@@ -37,14 +38,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, PartitionSpec
 
-from fpe_jax import sharding
+from fpe_jax import sharding, train
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
-LossFn = Callable[[Params, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 COMBINES = ("log_mean_prob", "mean_logits")
 MEMBER_MAPS = ("vmap", "unroll")
@@ -460,10 +459,26 @@ _LOSS_FNS = {"independent": independent_loss, "ncen": ncen_loss, "gal": gal_loss
              "adp": adp_loss, "trs": trs_loss}
 
 
-def make_loss(apply_fn: ApplyFn, config: LossConfig, members: int) -> LossFn:
-  """(stacked params, x, labels) -> (loss, metrics) for `config.name`, validated for M."""
+def make_loss(apply_fn: ApplyFn, config: LossConfig, members: int) -> train.LossFn:
+  """The loss `config.name` over M stacked members, as a `train.LossFn`.
+
+  Args:
+    apply_fn: one member's (params, x) -> logits.
+    config: the loss and its weights.
+    members: M, for validation (the pairwise losses need M >= 2).
+
+  Returns:
+    `loss_fn(stacked, masks, x [B, ...], labels [B], step_key) -> (loss, metrics)`;
+    `masks` and `step_key` are ignored (dense members, deterministic losses).
+  """
   validate_loss(config, members)
-  return functools.partial(_LOSS_FNS[config.name], apply_fn, config=config)
+  loss = functools.partial(_LOSS_FNS[config.name], apply_fn, config=config)
+
+  def loss_fn(stacked, masks, x, labels, step_key):
+    del masks, step_key
+    return loss(stacked, x, labels)
+
+  return loss_fn
 
 
 def gradient_statistics(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
@@ -483,63 +498,3 @@ def gradient_statistics(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels
   return {"mean_pairwise_cosine": direction_term(grads),
           "mean_grad_norm": jnp.mean(gradient_norms(grads)),
           "magnitude_corr": magnitude_term(grads)}
-
-
-# --------------------------------------------------------------------------- training
-
-
-class TrainState(NamedTuple):
-  """Stacked params, the optimiser state that mirrors them, and the step count."""
-  params: Params
-  opt_state: optax.OptState
-  step: jax.Array
-
-
-def init_train_state(stacked: Params, optimizer: optax.GradientTransformation) -> TrainState:
-  return TrainState(stacked, optimizer.init(stacked), jnp.zeros((), jnp.int32))
-
-
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
-                    donate: bool = True) -> Callable[[TrainState, jax.Array, jax.Array],
-                                                     tuple[TrainState, dict[str, jax.Array]]]:
-  """One jitted optimisation step: (state, x [B, ...], labels [B]) -> (state, metrics).
-
-  When the loss contains input gradients, `jax.value_and_grad` w.r.t. the params
-  differentiates through them (double backprop). The state buffers are donated.
-  """
-
-  def step(state: TrainState, x: jax.Array, labels: jax.Array):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, labels)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state, state.step + 1), metrics
-
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
-
-
-def make_train_chunk(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                     batch_size: int, steps: int) -> Callable[..., tuple[TrainState, dict]]:
-  """`steps` optimisation steps in one `lax.scan`: (state, x, labels, key) -> (state, metrics).
-
-  Minibatch t is drawn uniformly with replacement from (x [n, ...], labels [n]) with
-  `fold_in(key, state.step)`, so training is a pure function of (state, data, key) and a run
-  resumed from a checkpoint takes exactly the steps an uninterrupted one would. Metrics are
-  means over the chunk. Unjitted: jit it (donating the state).
-  """
-  if batch_size < 1 or steps < 1:
-    raise ValueError(f"batch_size={batch_size} and steps={steps} must be >= 1")
-
-  def one_step(state: TrainState, x, labels, key):
-    index = jax.random.randint(jax.random.fold_in(key, state.step), (batch_size,), 0, x.shape[0])
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, x[index], labels[index])
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return TrainState(optax.apply_updates(state.params, updates), opt_state,
-                      state.step + 1), metrics
-
-  def chunk(state: TrainState, x, labels, key):
-    state, metrics = jax.lax.scan(lambda s, _: one_step(s, x, labels, key), state, None,
-                                  length=steps)
-    return state, jax.tree.map(jnp.mean, metrics)
-
-  return chunk

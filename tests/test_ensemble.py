@@ -1,15 +1,15 @@
 """Stacked ensembles and the NCEn / GAL / ADP / TRS loss terms against plain references."""
 
+import functools
 import itertools
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from fpe_jax import ensemble, sharding
+from fpe_jax import ensemble, sharding, train
 from fpe_jax.models import cnn
 
 M, B, C, D = 3, 6, 4, 5
@@ -23,6 +23,18 @@ def linear_members(key, members=M, d=D, classes=C):
   k1, k2 = jax.random.split(key)
   return {"w": jax.random.normal(k1, (members, d, classes)),
           "b": 0.1 * jax.random.normal(k2, (members, classes))}
+
+
+def linear_batch(seed=0, members=M):
+  """Stacked linear members, x [B, D] and labels [B]."""
+  stacked = linear_members(jax.random.key(seed), members=members)
+  x = jax.random.normal(jax.random.key(seed + 1), (B, D))
+  return stacked, x, jnp.arange(B) % C
+
+
+def loss_value(loss_fn, stacked, x, y):
+  """A `train.LossFn` of dense members: no masks, no step key."""
+  return loss_fn(stacked, None, x, y, None)
 
 
 def np_softmax(z):
@@ -67,9 +79,7 @@ def test_members_are_distinct_and_stack_roundtrips():
 
 
 def test_input_gradients_match_linear_closed_form():
-  stacked = linear_members(jax.random.key(0))
-  x = jax.random.normal(jax.random.key(1), (B, D))
-  y = jnp.arange(B) % C
+  stacked, x, y = linear_batch()
   ce, logits, grads = jax.jit(ensemble.input_gradients, static_argnums=0)(
       linear_apply, stacked, x, y)
   chex.assert_shape(grads, (M, B, D))
@@ -168,9 +178,7 @@ def test_adp_entropy_and_log_det():
 
 
 def test_losses_combine_their_terms():
-  stacked = linear_members(jax.random.key(0))
-  x = jax.random.normal(jax.random.key(1), (B, D))
-  y = jnp.arange(B) % C
+  stacked, x, y = linear_batch()
   ce, logits, grads = jax.jit(ensemble.input_gradients, static_argnums=0)(
       linear_apply, stacked, x, y)
   ce_sum = float(jnp.sum(jnp.mean(ce, axis=1)))
@@ -189,18 +197,16 @@ def test_losses_combine_their_terms():
   }
   for name, value in expected.items():
     loss_fn = ensemble.make_loss(linear_apply, config._replace(name=name), M)
-    loss, metrics = jax.jit(loss_fn)(stacked, x, y)
+    loss, metrics = jax.jit(functools.partial(loss_value, loss_fn))(stacked, x, y)
     np.testing.assert_allclose(loss, value, rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(metrics["loss"], loss)
 
 
 def test_unrolled_members_give_the_same_loss_and_gradients():
-  stacked = linear_members(jax.random.key(0))
-  x = jax.random.normal(jax.random.key(1), (B, D))
-  y = jnp.arange(B) % C
+  stacked, x, y = linear_batch()
   for name in ("ncen", "adp"):
-    grads = [jax.jit(jax.grad(lambda p, m=m, name=name: ensemble.make_loss(
-        linear_apply, ensemble.LossConfig(name=name, member_map=m), M)(p, x, y)[0]))(stacked)
+    grads = [jax.jit(jax.grad(lambda p, m=m, name=name: loss_value(ensemble.make_loss(
+        linear_apply, ensemble.LossConfig(name=name, member_map=m), M), p, x, y)[0]))(stacked)
              for m in ensemble.MEMBER_MAPS]
     chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="member_map='pmap' is not one of"):
@@ -209,9 +215,7 @@ def test_unrolled_members_give_the_same_loss_and_gradients():
 
 def test_double_backprop_matches_closed_form_input_gradient():
   """d(NCEn)/d(params) through jax.grad_x equals autodiff of the closed-form g = W (p - y)."""
-  stacked = linear_members(jax.random.key(5))
-  x = jax.random.normal(jax.random.key(6), (B, D))
-  y = jnp.arange(B) % C
+  stacked, x, y = linear_batch(5)
   config = ensemble.LossConfig(name="ncen", lam_dir=1.0, lam_mag=0.5, lam_ncl=0.1)
 
   def reference_loss(params):
@@ -224,7 +228,7 @@ def test_double_backprop_matches_closed_form_input_gradient():
             + 0.5 * ensemble.magnitude_term(grads) + 0.1 * ensemble.liu_yao_term(grads))
 
   loss_fn = ensemble.make_loss(linear_apply, config, M)
-  got = jax.jit(jax.grad(lambda p: loss_fn(p, x, y)[0]))(stacked)
+  got = jax.jit(jax.grad(lambda p: loss_value(loss_fn, p, x, y)[0]))(stacked)
   want = jax.jit(jax.grad(reference_loss))(stacked)
   chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
   assert float(jnp.abs(got["w"]).sum()) > 0
@@ -235,15 +239,12 @@ def test_ncen_training_lowers_gradient_cosine_against_independent():
   x = jnp.asarray(rng.normal(size=(64, D)), jnp.float32)
   y = jnp.asarray(np.argmax(np.asarray(x)[:, :C], -1))
   stacked = linear_members(jax.random.key(8))
-  optimizer = optax.adam(0.05)
+  optimizer = train.make_optimizer("adam", 0.05)
   cosines = {}
   for name in ("independent", "ncen"):
-    step = ensemble.make_train_step(
-        ensemble.make_loss(linear_apply, ensemble.LossConfig(name=name, lam_mag=0.0), M),
-        optimizer, donate=False)
-    state = ensemble.init_train_state(stacked, optimizer)
-    for _ in range(40):
-      state, metrics = step(state, x, y)
+    loss_fn = ensemble.make_loss(linear_apply, ensemble.LossConfig(name=name, lam_mag=0.0), M)
+    chunk = jax.jit(train.make_train_chunk(loss_fn, optimizer, batch_size=64, steps=40))
+    state, metrics = chunk(train.init_state(stacked, optimizer), x, y, jax.random.key(9))
     assert int(state.step) == 40
     stats = jax.jit(ensemble.gradient_statistics, static_argnums=0)(linear_apply, state.params,
                                                                      x, y)
@@ -268,25 +269,53 @@ def test_bad_arguments_raise_one_line_errors():
     ensemble.num_members({"a": jnp.zeros((2, 3)), "b": jnp.zeros((3, 3))})
 
 
-def test_member_axis_shards_over_mesh_and_matches_unsharded():
+def test_member_axis_shards_over_mesh():
   members = 4
   mesh = sharding.make_mesh({"member": 4}, devices=jax.devices()[:4])
-  stacked = linear_members(jax.random.key(9), members=members)
+  stacked, x, _ = linear_batch(9, members=members)
   sharded = ensemble.shard_members(stacked, mesh)
   assert sharded["w"].sharding.spec[0] == "member"
   assert len(sharded["w"].addressable_shards) == 4
   assert sharded["w"].addressable_shards[0].data.shape == (1, D, C)
-  x = jax.random.normal(jax.random.key(10), (B, D))
-  y = jnp.arange(B) % C
   np.testing.assert_allclose(
       jax.jit(lambda s: ensemble.member_logits(linear_apply, s, x))(sharded),
       ensemble.member_logits(linear_apply, stacked, x), rtol=1e-5, atol=1e-6)
-  optimizer = optax.sgd(0.1)
-  step = ensemble.make_train_step(
-      ensemble.make_loss(linear_apply, ensemble.LossConfig(name="ncen"), members), optimizer,
-      donate=False)
-  sharded_state, _ = step(ensemble.init_train_state(sharded, optimizer), x, y)
-  plain_state, _ = step(ensemble.init_train_state(stacked, optimizer), x, y)
-  chex.assert_trees_all_close(sharded_state.params, plain_state.params, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="3 members cannot be split"):
     ensemble.member_sharding(linear_members(jax.random.key(0), members=3), mesh)
+
+
+@pytest.mark.parametrize("data, member, member_map", [(4, 2, "vmap"), (8, 1, "unroll")])
+def test_training_on_a_data_member_mesh_gives_the_one_device_params(data, member, member_map):
+  """What experiments.ncen does on a `data` x `member` mesh, against one device."""
+  assert len(jax.devices()) == 8, "conftest fakes 8 CPU devices"
+  members, batch, steps = 2, 16, 3
+  config = cnn.CNNConfig(width=2, hidden=8, activation="leaky_relu")
+  images = jax.random.uniform(jax.random.key(1), (64, 28, 28, 1))
+  labels = jax.random.randint(jax.random.key(2), (64,), 0, 10)
+  stacked = ensemble.init_members(functools.partial(cnn.init_cnn, config=config),
+                                  jax.random.key(0), members)
+  optimizer = train.make_optimizer("adam", 1e-2)
+
+  def trained(loss_config, mesh=None):
+    loss_fn = ensemble.make_loss(functools.partial(cnn.apply_cnn, config=config), loss_config,
+                                 members)
+    params, x, y = stacked, images, labels
+    batch_sharding = None
+    if mesh is not None:
+      params = ensemble.shard_members(stacked, mesh)
+      x, y = (jax.device_put(a, sharding.replicated(mesh)) for a in (images, labels))
+      batch_sharding = sharding.batch_sharding(mesh, x.ndim)
+    chunk = jax.jit(train.make_train_chunk(loss_fn, optimizer, batch_size=batch, steps=steps,
+                                           batch_sharding=batch_sharding))
+    state, metrics = chunk(train.init_state(params, optimizer), x, y, jax.random.key(3))
+    return state.params, metrics
+
+  mesh = sharding.make_mesh({"data": data, "member": member})
+  loss_config = ensemble.LossConfig(name="ncen", member_map=member_map)
+  got, got_metrics = trained(loss_config, mesh)
+  assert len(got["dense1"]["w"].sharding.device_set) == 8
+  # The reference: one device, members unrolled (the 1-device default of experiments.ncen).
+  want, want_metrics = trained(loss_config._replace(member_map="unroll"))
+  assert {d for leaf in jax.tree.leaves(want) for d in leaf.devices()} == {jax.devices()[0]}
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(got_metrics, want_metrics, rtol=1e-4, atol=1e-6)
