@@ -9,18 +9,22 @@ Expert e is the dense weight pruned by SparseGPT with the Hessian of the calibra
 tokens routed to e. Each token uses exactly one expert (hard top-1 routing, see
 fpe_jax.cluster.route), so the per-token cost is that of one sparse matrix.
 
-Apply implementations (`apply_experts(..., implementation=)`):
-  "auto"    "tiled" on CPU, "xla" elsewhere.
-  "tiled"   tokens sorted by expert into row tiles of `tile_size` (each expert's group padded
-            to whole tiles, at most E extra tiles), one [tile, d_in] @ [d_in, d_out] matmul
-            per tile in a sequential map, unsorted: about the FLOPs of one dense matmul.
-  "xla"     tokens sorted by expert, one grouped matmul (`lax.ragged_dot`), unsorted. XLA's
-            CPU backend costs about as much as running every expert on every token (E
-            dense matmuls), hence "tiled" there.
-  "onehot"  every expert on every token, then the routed one selected: E times the
-            FLOPs; the plain reference.
-  "kernel"  kernels_pallas.expert_matmul, which skips all-zero weight blocks; needs the
-            host-built `BlockSparseMask.from_masks(layer["mask"])` as `block_mask`.
+`apply_experts(..., implementation=)` takes the one vocabulary of
+kernels_pallas.implementations (IMPLEMENTATIONS here is that tuple): "xla" runs XLA ops,
+"pallas" kernels_pallas.expert_matmul, which skips all-zero weight blocks and needs the
+host-built `BlockSparseMask.from_masks(masks)` as `block_mask` (`with_block_mask`), and
+"auto" is "pallas" on TPU / GPU when a `block_mask` is given, "xla" otherwise.
+How "xla" multiplies is a separate choice, `xla_strategy=` (XLA_STRATEGIES), by default
+"tiled" on CPU and "ragged_dot" elsewhere:
+  "tiled"       tokens sorted by expert into row tiles of `tile_size` (each expert's group
+                padded to whole tiles, at most E extra tiles), one [tile, d_in] @
+                [d_in, d_out] matmul per tile in a sequential map, unsorted: about the FLOPs
+                of one dense matmul.
+  "ragged_dot"  tokens sorted by expert, one grouped matmul (`lax.ragged_dot`), unsorted.
+                XLA's CPU backend costs about as much as running every expert on every
+                token (E dense matmuls), hence "tiled" there.
+  "onehot"      every expert on every token, then the routed one selected: E times the
+                FLOPs; the plain reference.
 
 The expert axis shards over the mesh axis `expert` (`expert_shardings`, `shard_experts`);
 `apply_experts_sharded` is the expert-parallel apply: each device multiplies only the
@@ -30,6 +34,7 @@ tokens routed to its own experts, and one psum over `expert` assembles the outpu
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +42,13 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from fpe_jax import cluster, metrics, sparse
+from kernels_pallas import implementations
 
-IMPLEMENTATIONS = ("auto", "tiled", "xla", "onehot", "kernel")
+if TYPE_CHECKING:
+  from kernels_pallas.block_sparse import BlockSparseMask
+
+IMPLEMENTATIONS = implementations.IMPLEMENTATIONS
+XLA_STRATEGIES = ("tiled", "ragged_dot", "onehot")
 EXPERT_AXIS = "expert"
 # Expert banks: the leaves named w / mask ([E, d_in, d_out]) shard their first axis over
 # `expert`; everything else (routers) is replicated. Rules are (regex, spec), as in
@@ -213,8 +223,9 @@ def apply_experts(
     x: jax.Array,
     ids: jax.Array,
     *,
-    implementation: str = "auto",
-    block_mask=None,
+    implementation: implementations.Implementation = "auto",
+    block_mask: BlockSparseMask | None = None,
+    xla_strategy: str | None = None,
     tile_size: int = 128,
 ) -> jax.Array:
   """y_t = x_t @ w[ids_t]: each token through its own expert.
@@ -224,15 +235,20 @@ def apply_experts(
     x: [..., d_in] inputs.
     ids: [...] int expert of each token, in [0, E).
     implementation: one of IMPLEMENTATIONS (see the module docstring).
-    block_mask: for "kernel": `kernels_pallas.block_sparse.BlockSparseMask.from_masks(
-      masks)` built once on the host from the [E, d_in, d_out] masks.
+    block_mask: `kernels_pallas.block_sparse.BlockSparseMask.from_masks(masks)` built once
+      on the host from the [E, d_in, d_out] masks; needed by "pallas".
+    xla_strategy: how the XLA path multiplies, one of XLA_STRATEGIES; None: "tiled" on
+      CPU, "ragged_dot" elsewhere.
     tile_size: rows per tile for "tiled".
 
   Returns:
     [..., d_out].
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  implementation = implementations.resolve_implementation(
+      implementation, has_kernel_mask=block_mask is not None, mask_name="block_mask")
+  if xla_strategy is not None and xla_strategy not in XLA_STRATEGIES:
+    raise ValueError(f"xla_strategy must be None or one of {XLA_STRATEGIES}, got "
+                     f"{xla_strategy!r}")
   if jnp.ndim(w) != 3 or jnp.shape(x)[-1] != jnp.shape(w)[1]:
     raise ValueError(f"w must be [E, d_in, d_out] matching x [..., d_in]; got w "
                      f"{jnp.shape(w)}, x {jnp.shape(x)}")
@@ -242,23 +258,22 @@ def apply_experts(
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   ids2 = ids.reshape(-1).astype(jnp.int32)
-  if implementation == "auto":
-    implementation = "tiled" if jax.default_backend() == "cpu" else "xla"
-  if implementation == "tiled":
-    if not isinstance(tile_size, int) or tile_size < 1:
-      raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
-    y = _apply_tiled(w, x2, ids2, tile_size)
-  elif implementation == "xla":
-    y = _apply_xla(w, x2, ids2)
-  elif implementation == "onehot":
-    y = _apply_onehot(w, x2, ids2)
-  else:
-    if block_mask is None:
-      raise ValueError('implementation="kernel" needs block_mask=BlockSparseMask.from_masks(...)')
+  if implementation == "pallas":
     # Imported here: the library works without the kernels package's backends.
     from kernels_pallas.expert_matmul import expert_matmul
 
-    y = expert_matmul(x2, ids2, w, block_mask)
+    y = expert_matmul(x2, ids2, w, block_mask, implementation="pallas")
+    return y.reshape(*lead, w.shape[-1])
+  if xla_strategy is None:
+    xla_strategy = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+  if xla_strategy == "tiled":
+    if not isinstance(tile_size, int) or tile_size < 1:
+      raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+    y = _apply_tiled(w, x2, ids2, tile_size)
+  elif xla_strategy == "ragged_dot":
+    y = _apply_xla(w, x2, ids2)
+  else:
+    y = _apply_onehot(w, x2, ids2)
   return y.reshape(*lead, w.shape[-1])
 
 

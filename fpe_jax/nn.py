@@ -5,9 +5,13 @@ a mask tree of the same structure with 0/1 arrays of the same shapes. Masks are 
 they travel beside the params into jitted functions as ordinary arrays, never as static
 arguments, and never reach the optimiser.
 
-A weight mask leaf may also be an object with a `.dense` 0/1 array and a
-`.matmul(x, w)` method (e.g. `kernels_pallas.block_sparse.BlockSparseMask`): the layer
-then multiplies through that kernel, which skips the all-zero blocks of the mask.
+A weight mask leaf (`MaskLeaf`) is a 0/1 array or a
+`kernels_pallas.block_sparse.BlockSparseMask`, the host-built block metadata of a fixed
+mask (a pytree, so it is vmapped, scanned and jitted like the arrays). Which matmul runs
+is the caller's explicit `implementation=` (kernels_pallas.implementations): "xla" is
+`x @ (w * mask)` for either leaf; "pallas" multiplies through the block-sparse kernel,
+which skips the mask's all-zero blocks, and needs BlockSparseMask leaves; "auto" (the
+default) is "pallas" for BlockSparseMask leaves on TPU / GPU and "xla" otherwise.
 """
 
 from collections.abc import Callable, Sequence
@@ -16,9 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas import implementations
+from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
+
 Params = dict[str, dict[str, jax.Array]]
 Masks = dict[str, dict]
 Activation = Callable[[jax.Array], jax.Array]
+MaskLeaf = jax.Array | BlockSparseMask  # a weight mask: 0/1 array or kernel block metadata
 
 
 def layer_name(index: int) -> str:
@@ -58,42 +66,68 @@ def full_masks(params: Params) -> Masks:
   return jax.tree.map(jnp.ones_like, params)
 
 
-def dense_mask(mask) -> jax.Array:
-  """The 0/1 array of a mask leaf (a plain array, or a kernel mask's `.dense`)."""
-  return getattr(mask, "dense", mask)
+def dense_mask(mask: MaskLeaf) -> jax.Array:
+  """The 0/1 array of a mask leaf: the array itself, or a BlockSparseMask's `dense`."""
+  return mask.dense if isinstance(mask, BlockSparseMask) else mask
 
 
-def masked_matmul(x: jax.Array, w: jax.Array, mask) -> jax.Array:
-  """`x @ (w * mask)`; through the mask's own kernel when it carries one."""
-  if hasattr(mask, "matmul"):
-    return mask.matmul(x, w)
-  return x @ (w * mask)
+def masked_matmul(x: jax.Array, w: jax.Array, mask: MaskLeaf, *,
+                  implementation: implementations.Implementation = "auto") -> jax.Array:
+  """`x @ (w * mask)`: x [..., d_in], w [d_in, d_out] -> [..., d_out].
+
+  Args:
+    x: [..., d_in] inputs.
+    w: [d_in, d_out] weights.
+    mask: [d_in, d_out] 0/1 array, or a BlockSparseMask of that shape.
+    implementation: one of kernels_pallas.implementations.IMPLEMENTATIONS: "xla" is the
+      dense product (bit-identical for either leaf), "pallas" the block-sparse kernel
+      (needs a BlockSparseMask), "auto" the kernel on TPU / GPU when it has one.
+  """
+  kernel = isinstance(mask, BlockSparseMask)
+  if implementations.resolve_implementation(implementation, has_kernel_mask=kernel) == "pallas":
+    return block_sparse_matmul(x, w, mask, implementation="pallas")
+  return x @ (w * dense_mask(mask))
 
 
-def masked_dense(layer: dict, layer_mask: dict, x: jax.Array) -> jax.Array:
-  """One masked affine layer: `x @ (w * mw) + b * mb`, x: [..., d_in] -> [..., d_out]."""
-  return masked_matmul(x, layer["w"], layer_mask["w"]) + layer["b"] * layer_mask["b"]
+def masked_dense(layer: dict, layer_mask: dict, x: jax.Array, *,
+                 implementation: implementations.Implementation = "auto") -> jax.Array:
+  """One masked affine layer: `x @ (w * mw) + b * mb`, x: [..., d_in] -> [..., d_out].
+
+  `implementation` picks the weight matmul, as in `masked_matmul`.
+  """
+  y = masked_matmul(x, layer["w"], layer_mask["w"], implementation=implementation)
+  return y + layer["b"] * layer_mask["b"]
 
 
 def hidden_activations(
-    params: Params, masks: Masks, x: jax.Array, *, activation: Activation = jax.nn.relu
+    params: Params, masks: Masks, x: jax.Array, *, activation: Activation = jax.nn.relu,
+    implementation: implementations.Implementation = "auto",
 ) -> list[jax.Array]:
-  """The post-activation output of every hidden layer, x: [..., d_in]."""
+  """The post-activation output of every hidden layer, x: [..., d_in].
+
+  `implementation` picks every layer's weight matmul, as in `masked_matmul`.
+  """
   hidden = []
   for name in layer_names(params)[:-1]:
-    x = activation(masked_dense(params[name], masks[name], x))
+    x = activation(masked_dense(params[name], masks[name], x, implementation=implementation))
     hidden.append(x)
   return hidden
 
 
 def apply_mlp(
-    params: Params, masks: Masks, x: jax.Array, *, activation: Activation = jax.nn.relu
+    params: Params, masks: Masks, x: jax.Array, *, activation: Activation = jax.nn.relu,
+    implementation: implementations.Implementation = "auto",
 ) -> jax.Array:
-  """Logits of a masked MLP, x: [..., d_in] -> [..., d_out] (no output activation)."""
+  """Logits of a masked MLP, x: [..., d_in] -> [..., d_out] (no output activation).
+
+  `implementation` picks every layer's weight matmul, as in `masked_matmul`; with
+  "pallas" every weight mask must be a BlockSparseMask (run-stacked ones are vmapped
+  with the params).
+  """
   names = layer_names(params)
   for name in names[:-1]:
-    x = activation(masked_dense(params[name], masks[name], x))
-  return masked_dense(params[names[-1]], masks[names[-1]], x)
+    x = activation(masked_dense(params[name], masks[name], x, implementation=implementation))
+  return masked_dense(params[names[-1]], masks[names[-1]], x, implementation=implementation)
 
 
 def apply_masks(params: Params, masks: Masks) -> Params:

@@ -62,9 +62,9 @@ class CompressionConfig:
       columns), chosen by this criterion (top scores; `random` draws them), the rest stays
       dense; `all` prunes every neuron. For the Wasserstein-neuron ablation.
     neuron_fraction: share of neurons pruned when neuron_selection is not `all`.
-    expert_matmul: routed expert apply, one of fpe_jax.experts.IMPLEMENTATIONS (`auto`:
-      the tiled grouped apply on CPU, `lax.ragged_dot` elsewhere; `kernel`: the Pallas
-      expert matmul, with block metadata built from the experts' masks).
+    expert_matmul: routed expert apply, one of fpe_jax.experts.IMPLEMENTATIONS (`xla`
+      and `auto`: the tiled grouped apply on CPU, `lax.ragged_dot` elsewhere; `pallas`:
+      the Pallas expert matmul, with block metadata built from the experts' masks).
     expert_batch_size: experts pruned together (vmapped) per step of
       fpe_jax.experts.prune_experts' compiled map; 1 keeps memory at one expert's.
   """
@@ -128,7 +128,7 @@ def linear_apply(linear: Params, x: jax.Array, expert_ids: jax.Array | None,
 
   Args:
     linear: {"w": [E, d_in, d_out]} (E = 1: a single model), for experts also "mask" and,
-      for implementation `kernel`, "block_mask" (see `compress_ffn_experts`).
+      for implementation `pallas`, "block_mask" (see `compress_ffn_experts`).
     x: [n, d_in].
     expert_ids: [n] int expert of each token, or None for a single model.
     implementation: fpe_jax.experts.apply_experts' implementation for E > 1.
@@ -385,13 +385,13 @@ def _expert_linear(w: jax.Array, x: jax.Array, ids: jax.Array, cfg: CompressionC
 
   A cluster without tokens has a zero Hessian: all inputs dead, the expert is zero (it is
   never routed to on calibration data). Returns {"w", "mask": [K, d_in, d_out]} and, for
-  expert_matmul `kernel`, the masks' host-built "block_mask".
+  expert_matmul `pallas`, the masks' host-built "block_mask".
   """
   h = sparse.hessian_update(sparse.hessian_init(x.shape[1], cfg.num_experts), x, ids).h
   bank = experts.prune_experts(w, h, sparsity=cfg.sparsity, n_m=cfg.n_m, damp=cfg.damp,
                                block_size=cfg.block_size,
                                expert_batch_size=cfg.expert_batch_size)
-  if cfg.expert_matmul == "kernel":
+  if cfg.expert_matmul == "pallas":
     # Imported here: the library works without the kernels package's backends.
     from kernels_pallas.block_sparse import BlockSparseMask  # noqa: PLC0415
 
@@ -411,7 +411,7 @@ def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
 
   Returns:
     (ffn, info): ffn = {"router_in", "router_mid": router, "w_gate"|"w_up"|"w_down":
-    {"w", "mask": [K, d_in, d_out] (and "block_mask" for expert_matmul `kernel`)}};
+    {"w", "mask": [K, d_in, d_out] (and "block_mask" for expert_matmul `pallas`)}};
     info = {"ids_in", "ids_mid": [tokens] expert ids,
     "inter": [tokens, d_ff] the intermediate the down router was fitted on}.
   """

@@ -29,6 +29,7 @@ from absl import app, flags
 
 from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
 from kernels_pallas.expert_matmul import expert_matmul, expert_matmul_reference
+from kernels_pallas.implementations import PALLAS_BACKENDS
 
 _CASES = flags.DEFINE_list("cases", ["square", "experts"], "Which cases: square, experts.")
 _DENSITIES = flags.DEFINE_list("densities", ["1", "0.5", "0.25", "0.1"], "Block densities.")
@@ -102,8 +103,9 @@ def _square(rng, dtype, densities, block_shape):
   t_dense_grad = _time(_grad_of(lambda x, w: x @ w), x, w) if _GRAD.value else None
   for density in densities:
     mask = block_mask(rng, k, n, block_shape, density)
-    bsm = BlockSparseMask.from_mask(mask, block_shape=block_shape, implementation="pallas")
-    kernel = jax.jit(lambda x, w, bsm=bsm: block_sparse_matmul(x, w, bsm, block_m=_BLOCK_M.value))
+    bsm = BlockSparseMask.from_mask(mask, block_shape=block_shape)
+    kernel = jax.jit(lambda x, w, bsm=bsm: block_sparse_matmul(
+        x, w, bsm, implementation="pallas", block_m=_BLOCK_M.value))
     y = kernel(x, w)
     err = _rel_err(y, jnp.asarray(x, jnp.float32) @ (jnp.asarray(w, jnp.float32) * mask))
     t_kernel = _time(kernel, x, w)
@@ -112,7 +114,7 @@ def _square(rng, dtype, densities, block_shape):
          k * n * itemsize, err)
     if _GRAD.value:
       t_grad = _time(_grad_of(lambda x, w, bsm=bsm: block_sparse_matmul(
-          x, w, bsm, block_m=_BLOCK_M.value)), x, w)
+          x, w, bsm, implementation="pallas", block_m=_BLOCK_M.value)), x, w)
       _row("  fwd+bwd", density, t_grad, t_dense_grad, 0, 0, float("nan"))
 
 
@@ -129,10 +131,9 @@ def _experts(rng, dtype, densities, block_shape):
       for density in densities:
         masks = np.stack([block_mask(rng, k, n, block_shape, density)
                           for _ in range(num_experts)])
-        bsm = BlockSparseMask.from_masks(masks, block_shape=block_shape,
-                                         implementation="pallas")
+        bsm = BlockSparseMask.from_masks(masks, block_shape=block_shape)
         kernel = jax.jit(lambda x, w, ids=ids, bsm=bsm: expert_matmul(
-            x, ids, w, bsm, block_m=_BLOCK_M.value))
+            x, ids, w, bsm, implementation="pallas", block_m=_BLOCK_M.value))
         ragged = jax.jit(lambda x, w, ids=ids, bsm=bsm: expert_matmul(
             x, ids, w, bsm, implementation="xla"))
         y = kernel(x, w)
@@ -157,17 +158,17 @@ def _cpu_check(rng) -> None:
   for density in (1.0, 0.5, 0.25, 0.1):
     mask = block_mask(rng, 256, 192, (32, 32), density)
     masks = np.stack([block_mask(rng, 256, 192, (32, 32), density) for _ in range(4)])
-    for implementation in ("pallas_tpu", "pallas_gpu"):
+    for backend in PALLAS_BACKENDS:
       bsm = BlockSparseMask.from_mask(mask, block_shape=(32, 32))
-      y = jax.jit(lambda x, w, bsm=bsm, i=implementation: block_sparse_matmul(
-          x, w, bsm, implementation=i, block_m=32))(x, w)
+      y = jax.jit(lambda x, w, bsm=bsm, b=backend: block_sparse_matmul(
+          x, w, bsm, implementation="pallas", backend=b, block_m=32))(x, w)
       err = _rel_err(y, x @ (w * mask))
       ebsm = BlockSparseMask.from_masks(masks, block_shape=(32, 32))
-      ye = jax.jit(lambda x, w, bsm=ebsm, i=implementation: expert_matmul(
-          x, ids, w, bsm, implementation=i, block_m=16))(x, we)
+      ye = jax.jit(lambda x, w, bsm=ebsm, b=backend: expert_matmul(
+          x, ids, w, bsm, implementation="pallas", backend=b, block_m=16))(x, we)
       err_e = _rel_err(ye, expert_matmul_reference(x, ids, we, masks))
       worst = max(worst, err, err_e)
-      print(f"  density {density:.2f} {implementation:<10}  block-sparse rel err {err:.1e}  "
+      print(f"  density {density:.2f} pallas {backend:<4}  block-sparse rel err {err:.1e}  "
             f"expert rel err {err_e:.1e}  weight bytes {weight_bytes(bsm, 4)} of {256 * 192 * 4}")
   print(f"worst relative error {worst:.1e}: {'OK' if worst < 1e-5 else 'FAILED'}")
   if worst >= 1e-5:

@@ -58,8 +58,8 @@ def test_experts_reconstruct_better_than_one_sparsegpt(bank):
   assert err_experts < err_single
 
 
-@pytest.mark.parametrize("implementation", ["tiled", "xla", "onehot"])
-def test_apply_matches_a_per_token_loop(bank, implementation):
+@pytest.mark.parametrize("xla_strategy", experts.XLA_STRATEGIES)
+def test_apply_matches_a_per_token_loop(bank, xla_strategy):
   layer = bank["layer"]
   rng = np.random.default_rng(1)
   x = rng.normal(size=(3, 7, D_IN)).astype(np.float32)
@@ -67,7 +67,7 @@ def test_apply_matches_a_per_token_loop(bank, implementation):
   ids[0] = 2  # an expert with many tokens; some experts get none in a small batch
   # tile_size=4: several tiles per expert, partly filled ones, and unused tiles at the end.
   fn = jax.jit(lambda w, x, i: experts.apply_experts(
-      w, x, i, implementation=implementation, tile_size=4))
+      w, x, i, implementation="xla", xla_strategy=xla_strategy, tile_size=4))
   got = np.asarray(fn(layer["w"], x, ids))
   w = np.asarray(layer["w"], np.float64)
   want = np.zeros((3, 7, D_OUT))
@@ -78,15 +78,18 @@ def test_apply_matches_a_per_token_loop(bank, implementation):
 
 
 def test_kernel_implementation_matches_the_reference(bank):
-  # The Pallas expert matmul (interpret mode on CPU) through apply_experts' "kernel" path.
+  # The Pallas expert matmul (interpret mode on CPU) through apply_experts' "pallas" path.
   layer = bank["layer"]
-  block_mask = BlockSparseMask.from_masks(
-      np.asarray(layer["mask"]), block_shape=(16, 16), implementation="pallas"
-  )
+  block_mask = BlockSparseMask.from_masks(np.asarray(layer["mask"]), block_shape=(16, 16))
   x, ids = bank["x"][:40], bank["ids"][:40]
-  got = experts.apply_experts(layer["w"], x, ids, implementation="kernel", block_mask=block_mask)
-  want = experts.apply_experts(layer["w"], x, ids, implementation="onehot")
+  got = experts.apply_experts(layer["w"], x, ids, implementation="pallas", block_mask=block_mask)
+  want = experts.apply_experts(layer["w"], x, ids, xla_strategy="onehot")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # "auto" is XLA on CPU, kernel metadata or not; its default strategy there is "tiled".
+  tiled = experts.apply_experts(layer["w"], x, ids, implementation="xla", xla_strategy="tiled")
+  for auto in (experts.apply_experts(layer["w"], x, ids),
+               experts.apply_experts(layer["w"], x, ids, block_mask=block_mask)):
+    np.testing.assert_array_equal(auto, tiled)
 
 
 def test_apply_expert_linear_routes_with_the_router(bank):
@@ -109,7 +112,7 @@ def test_expert_axis_shards_and_expert_parallel_apply_matches(bank):
   # One expert's weights per device along `expert`.
   shard_shapes = {s.data.shape for s in placed["w"].addressable_shards}
   assert shard_shapes == {(1, D_IN, D_OUT)}
-  want = np.asarray(experts.apply_experts(layer["w"], x, ids, implementation="onehot"))
+  want = np.asarray(experts.apply_experts(layer["w"], x, ids, xla_strategy="onehot"))
   got = jax.jit(lambda w, x, i: experts.apply_experts_sharded(mesh, w, x, i))(
       placed["w"], x, jnp.asarray(ids)
   )
@@ -159,8 +162,10 @@ def test_expert_weighted_wasserstein_matches_manual_average():
         (lambda b: experts.apply_experts(b["w"], b["x"], b["ids"], implementation="gpu"),
          "implementation"),
         (lambda b: experts.apply_experts(b["w"], b["x"], b["ids"][:-1]), "ids must"),
-        (lambda b: experts.apply_experts(b["w"], b["x"], b["ids"], implementation="kernel"),
+        (lambda b: experts.apply_experts(b["w"], b["x"], b["ids"], implementation="pallas"),
          "block_mask"),
+        (lambda b: experts.apply_experts(b["w"], b["x"], b["ids"], xla_strategy="xla"),
+         "xla_strategy"),
         (lambda b: experts.prune_experts(b["w0"], np.ones((2, 3, 3))), "hessians"),
         (lambda b: experts.prune_experts(b["w0"], np.ones((2, D_IN, D_IN)), sparsity=1.2),
          "sparsity"),

@@ -12,17 +12,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels_pallas import implementations
 from kernels_pallas.block_sparse import (
   BlockSparseMask,
+  KernelConfig,
+  block_density,
   block_sparse_matmul,
+  kernel_config,
   kernel_gpu,
+  kernel_metadata,
   kernel_tpu,
   masked_matmul_reference,
-  resolve_implementation,
+  stacked_matmul,
 )
 from kernels_pallas.block_sparse.metadata import fit_block
 
-BACKENDS = ["pallas_tpu", "pallas_gpu"]
+BACKENDS = list(implementations.PALLAS_BACKENDS)  # both kernels, interpreted on CPU
 K, N, B = 40, 36, 10  # 40 and 36 are not multiples of the 16x16 blocks
 BLOCK = (16, 16)
 
@@ -97,7 +102,7 @@ def test_block_shape_fits_small_layers():
   bsm = BlockSparseMask.from_mask(np.ones((64, 16)))
   assert bsm.block_shape == (64, 16)
   chex.assert_shape(bsm.col_block_rows, (1, 1))
-  assert bsm.block_density() == 1.0
+  assert block_density(bsm) == 1.0
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -105,8 +110,6 @@ def test_bad_arguments_raise_clear_errors():
     BlockSparseMask.from_mask(np.full((4, 4), 0.5))
   with pytest.raises(ValueError, match="block_shape"):
     BlockSparseMask.from_mask(np.ones((4, 4)), block_shape=(0, 16))
-  with pytest.raises(ValueError, match="implementation must be one of"):
-    BlockSparseMask.from_mask(np.ones((4, 4)), implementation="cuda")
   bsm = BlockSparseMask.from_mask(np.ones((8, 4)))
   with pytest.raises(ValueError, match="w has shape"):
     block_sparse_matmul(jnp.ones((2, 8)), jnp.ones((4, 8)), bsm)
@@ -114,6 +117,17 @@ def test_bad_arguments_raise_clear_errors():
     block_sparse_matmul(jnp.ones((2, 5)), jnp.ones((8, 4)), bsm)
   with pytest.raises(ValueError, match="implementation must be one of"):
     block_sparse_matmul(jnp.ones((2, 8)), jnp.ones((8, 4)), bsm, implementation="triton")
+  with pytest.raises(ValueError, match="backend must be None or one of"):
+    block_sparse_matmul(jnp.ones((2, 8)), jnp.ones((8, 4)), bsm, implementation="pallas",
+                        backend="cuda")
+  with pytest.raises(ValueError, match="backend='gpu' needs implementation='pallas'"):
+    block_sparse_matmul(jnp.ones((2, 8)), jnp.ones((8, 4)), bsm, implementation="xla",
+                        backend="gpu")
+  with pytest.raises(ValueError, match="block_m must be a positive int"):
+    block_sparse_matmul(jnp.ones((2, 8)), jnp.ones((8, 4)), bsm, implementation="pallas",
+                        block_m=0)
+  with pytest.raises(TypeError, match="mask must be a BlockSparseMask"):
+    block_sparse_matmul(jnp.ones((2, 8)), jnp.ones((8, 4)), jnp.ones((8, 4)))
   stacked = BlockSparseMask.from_masks(np.ones((2, 8, 4)))
   with pytest.raises(ValueError, match="leading member axis"):
     block_sparse_matmul(jnp.ones((2, 8)), jnp.ones((8, 4)), stacked)
@@ -131,23 +145,60 @@ def test_hardware_tiling_checks():
 
 def test_auto_picks_xla_on_cpu_and_pallas_interprets():
   assert jax.default_backend() == "cpu"
-  assert resolve_implementation("auto") is None and resolve_implementation("xla") is None
-  cfg = resolve_implementation("pallas")
-  assert cfg.backend == "tpu" and cfg.interpret
-  assert resolve_implementation("pallas_gpu").backend == "gpu"
+  resolve = implementations.resolve_implementation
+  assert resolve("auto") == "xla" and resolve("xla") == "xla" and resolve("pallas") == "pallas"
+  assert resolve("auto", has_kernel_mask=False) == "xla"
+  with pytest.raises(ValueError, match="implementation='pallas' needs block_mask to be a"):
+    resolve("pallas", has_kernel_mask=False, mask_name="block_mask")
+  assert kernel_config() == KernelConfig(backend="tpu", interpret=True, block_m=128)
+  assert kernel_config("gpu", block_m=32) == KernelConfig("gpu", True, 32)
+
+
+def test_one_vocabulary_everywhere():
+  """Kernels, experts and nn share one tuple of implementation names (one definition)."""
+  from fpe_jax import experts
+  from kernels_pallas import block_sparse
+
+  assert implementations.IMPLEMENTATIONS == ("auto", "xla", "pallas")
+  assert block_sparse.IMPLEMENTATIONS is implementations.IMPLEMENTATIONS
+  assert experts.IMPLEMENTATIONS is implementations.IMPLEMENTATIONS
+
+
+def test_mask_is_a_pytree_of_data():
+  """Arrays are leaves, shape and block shape static: jit, vmap and scan carry the mask."""
+  masks = np.random.default_rng(7).random((3, 24, 20)) < 0.3
+  bsm = BlockSparseMask.from_masks(masks, block_shape=(16, 16))
+  assert not hasattr(bsm, "matmul") and not hasattr(bsm, "implementation")
+  leaves, treedef = jax.tree.flatten(bsm)
+  assert len(leaves) == 9 and all(isinstance(leaf, jax.Array) for leaf in leaves)
+  assert jax.tree.unflatten(treedef, leaves).shape == (24, 20)
+  # A mask with other blocks but the same static sizes reuses the compiled program.
+  traces = []
+
+  @jax.jit
+  def total(bsm):
+    traces.append(1)
+    return jax.lax.scan(lambda c, m: (c + jnp.sum(m.dense), None), 0.0, bsm)[0]
+
+  other = BlockSparseMask.from_masks(masks[::-1], block_shape=(16, 16))
+  assert float(total(bsm)) == float(total(other)) == masks.sum()
+  assert len(traces) == 1
+  dense = jax.vmap(lambda m: m.dense)(bsm)
+  np.testing.assert_array_equal(dense, masks.astype(np.float32))
 
 
 def _rel_err(a, b):
   return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / (np.max(np.abs(b)) + 1e-30))
 
 
-@pytest.mark.parametrize("implementation", BACKENDS)
-def test_vmapped_forward_and_grads_match_reference(data, implementation):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmapped_forward_and_grads_match_reference(data, backend):
   masks, x, w = data
-  bsm = BlockSparseMask.from_masks(masks, block_shape=BLOCK, implementation=implementation)
+  bsm = BlockSparseMask.from_masks(masks, block_shape=BLOCK)
 
   def loss(x, w, bsm):
-    y = jax.vmap(lambda xi, wi, mi: mi.matmul(xi, wi))(x, w, bsm)
+    y = jax.vmap(lambda xi, wi, mi: block_sparse_matmul(
+        xi, wi, mi, implementation="pallas", backend=backend))(x, w, bsm)
     return jnp.sum(jnp.sin(y)), y
 
   def loss_ref(x, w):
@@ -166,8 +217,8 @@ def test_vmapped_forward_and_grads_match_reference(data, implementation):
   np.testing.assert_array_equal(np.asarray(dx[2]), 0.0)
 
 
-@pytest.mark.parametrize("implementation", BACKENDS)
-def test_empty_blocks_are_never_multiplied(implementation):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_blocks_are_never_multiplied(backend):
   """NaNs in the weight's all-zero blocks must not reach the output or the gradients.
 
   If the kernel multiplied an empty block, NaN * 0 would poison the result; the dense
@@ -185,7 +236,8 @@ def test_empty_blocks_are_never_multiplied(implementation):
   x = rng.normal(size=(3, 32)).astype(np.float32)
   bsm = BlockSparseMask.from_mask(mask, block_shape=(16, 16))
   f = jax.jit(jax.value_and_grad(
-      lambda x, w: jnp.sum(block_sparse_matmul(x, w, bsm, implementation=implementation) ** 2),
+      lambda x, w: jnp.sum(block_sparse_matmul(x, w, bsm, implementation="pallas",
+                                               backend=backend) ** 2),
       argnums=(0, 1)))
   f_ref = jax.value_and_grad(lambda x, w: jnp.sum((x @ (w * mask)) ** 2), argnums=(0, 1))
   (val, (dx, dw)), (val_ref, (dx_ref, dw_ref)) = f(x, poisoned), f_ref(x, w)
@@ -199,13 +251,14 @@ def test_unbatched_leading_dims_and_shared_weight_vmap():
   mask = rng.random((24, 20)) < 0.3
   w = rng.normal(size=(24, 20)).astype(np.float32)
   x = rng.normal(size=(2, 3, 24)).astype(np.float32)
-  bsm = BlockSparseMask.from_mask(mask, block_shape=(16, 16), implementation="pallas")
-  y = jax.jit(bsm.matmul)(x, w)
+  bsm = BlockSparseMask.from_mask(mask, block_shape=(16, 16))
+  matmul = lambda x, w: block_sparse_matmul(x, w, bsm, implementation="pallas")
+  y = jax.jit(matmul)(x, w)
   chex.assert_shape(y, (2, 3, 20))
   ref = np.einsum("abk,kn->abn", x, w * mask)
   assert _rel_err(y, ref) < 1e-5
   # vmap over x only: weights and mask are shared, the mapped axis folds into the rows.
-  y_vmapped = jax.jit(jax.vmap(bsm.matmul, in_axes=(0, None)))(x, w)
+  y_vmapped = jax.jit(jax.vmap(matmul, in_axes=(0, None)))(x, w)
   assert _rel_err(y_vmapped, ref) < 1e-5
 
 
@@ -234,24 +287,24 @@ def test_xla_reference_is_the_masked_dense_matmul():
 
 
 def test_masked_mlp_runs_and_trains_through_the_kernel():
-  """fpe_jax.nn takes a BlockSparseMask as a weight-mask leaf: same logits, same grads."""
+  """fpe_jax.nn takes a BlockSparseMask as a weight-mask leaf and implementation="pallas":
+  same logits, same grads as plain masks on XLA."""
   from fpe_jax import nn
 
   rng = np.random.default_rng(5)
   params = nn.init_mlp(jax.random.key(0), [20, 48, 3])
   plain = {name: {"w": jnp.asarray(rng.random(layer["w"].shape) < 0.4, jnp.float32),
                   "b": jnp.ones_like(layer["b"])} for name, layer in params.items()}
-  kernel = {name: {"w": BlockSparseMask.from_mask(np.asarray(m["w"]), block_shape=(16, 16),
-                                                  implementation="pallas"), "b": m["b"]}
-            for name, m in plain.items()}
+  kernel = {name: {"w": BlockSparseMask.from_mask(np.asarray(m["w"]), block_shape=(16, 16)),
+                   "b": m["b"]} for name, m in plain.items()}
   params = nn.apply_masks(params, plain)
   x = jnp.asarray(rng.normal(size=(7, 20)), jnp.float32)
 
-  def loss(params, masks):
-    return jnp.sum(nn.apply_mlp(params, masks, x) ** 2)
+  def loss(params, masks, implementation):
+    return jnp.sum(nn.apply_mlp(params, masks, x, implementation=implementation) ** 2)
 
-  value, grads = jax.jit(jax.value_and_grad(loss))(params, kernel)
-  value_ref, grads_ref = jax.value_and_grad(loss)(params, plain)
+  value, grads = jax.jit(jax.value_and_grad(loss), static_argnums=2)(params, kernel, "pallas")
+  value_ref, grads_ref = jax.value_and_grad(loss)(params, plain, "xla")
   assert _rel_err(value, value_ref) < 1e-5
   for name in params:
     for leaf in params[name]:
@@ -268,16 +321,14 @@ def test_kernels_lower_for_tpu_and_gpu(platform, backend, dtype):
   This is as far as CPU can go: the final Mosaic / Triton compilation and the run
   itself need the hardware.
   """
-  from kernels_pallas.block_sparse import ops
-
-  cfg = ops.KernelConfig(backend=backend, interpret=False, block_m=128)
+  cfg = KernelConfig(backend=backend, interpret=False, block_m=128)
   mask = np.kron(np.random.default_rng(6).random((4, 3)) < 0.5, np.ones((128, 128), bool))
   mask[:, :5] = 0  # partly filled blocks: the packed element masks are used too
-  meta = jax.tree.map(lambda a: a[None], ops._meta_of(
+  meta = jax.tree.map(lambda a: a[None], kernel_metadata(
       BlockSparseMask.from_mask(mask, block_shape=(128, 128))))
 
   def loss(x, w):
-    return jnp.sum(ops._stacked_matmul(cfg, x, w, meta).astype(jnp.float32) ** 2)
+    return jnp.sum(stacked_matmul(cfg, x, w, meta).astype(jnp.float32) ** 2)
 
   lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(
       jnp.ones((1, 256, 512), dtype), jnp.ones((1, 512, 384), dtype)).lower(

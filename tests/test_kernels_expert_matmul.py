@@ -47,15 +47,17 @@ def test_routed_layout_places_each_token_in_its_group_tiles():
   assert np.all(np.diff(tiles) >= 0)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas_tpu", "pallas_gpu"])
-def test_expert_matmul_and_grads_match_one_hot_reference(setup, implementation):
+@pytest.mark.parametrize("implementation,backend",
+                         [("xla", None), ("pallas", "tpu"), ("pallas", "gpu")])
+def test_expert_matmul_and_grads_match_one_hot_reference(setup, implementation, backend):
   masks, x, w, routings = setup
   bsm = BlockSparseMask.from_masks(masks, block_shape=(16, 16))
 
   @jax.jit
   def run(x, w, ids):
     def loss(x, w):
-      y = expert_matmul(x, ids, w, bsm, implementation=implementation, block_m=16)
+      y = expert_matmul(x, ids, w, bsm, implementation=implementation, backend=backend,
+                        block_m=16)
       return jnp.sum(jnp.sin(y)), y
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
 
@@ -88,3 +90,7 @@ def test_expert_matmul_rejects_bad_inputs(setup):
     expert_matmul(x, ids, w[:2], bsm)
   with pytest.raises(ValueError, match="expert_ids must be an int array"):
     expert_matmul(x, ids[:3], w, bsm)
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    expert_matmul(x, ids, w, bsm, implementation="kernel")
+  with pytest.raises(TypeError, match="expert_masks must be a BlockSparseMask"):
+    expert_matmul(x, ids, w, jnp.asarray(masks, jnp.float32))

@@ -1,8 +1,22 @@
-"""Block-sparse masked matmul `x @ (w * mask)` over a fixed mask, skipping empty blocks."""
+"""Block-sparse masked matmul `x @ (w * mask)` over a fixed mask, skipping empty blocks.
 
-from kernels_pallas.block_sparse.metadata import IMPLEMENTATIONS, BlockSparseMask
-from kernels_pallas.block_sparse.ops import block_sparse_matmul, resolve_implementation
+`BlockSparseMask` is the mask's host-built block metadata (data only);
+`block_sparse_matmul(x, w, mask, implementation=...)` multiplies by it; `grouped` holds
+the kernel calls on grouped rows that `kernels_pallas.expert_matmul` shares.
+IMPLEMENTATIONS is kernels_pallas.implementations' vocabulary (the same object).
+"""
+
+from kernels_pallas.block_sparse.grouped import KernelConfig, kernel_config
+from kernels_pallas.block_sparse.metadata import (
+    BlockSparseMask,
+    KernelMetadata,
+    block_density,
+    kernel_metadata,
+)
+from kernels_pallas.block_sparse.ops import block_sparse_matmul, stacked_matmul
 from kernels_pallas.block_sparse.reference import masked_matmul_reference
+from kernels_pallas.implementations import IMPLEMENTATIONS
 
-__all__ = ["IMPLEMENTATIONS", "BlockSparseMask", "block_sparse_matmul", "masked_matmul_reference",
-           "resolve_implementation"]
+__all__ = ["IMPLEMENTATIONS", "BlockSparseMask", "KernelConfig", "KernelMetadata",
+           "block_density", "block_sparse_matmul", "kernel_config", "kernel_metadata",
+           "masked_matmul_reference", "stacked_matmul"]

@@ -1,4 +1,4 @@
-"""Host-side block metadata for a fixed 0/1 mask, and the `BlockSparseMask` pytree.
+"""Host-side block metadata for a fixed 0/1 mask: the `BlockSparseMask` pytree (data only).
 
 A fixed mask `[K, N]` is cut into blocks of `block_shape = (bk, bn)` (after zero-padding
 K and N up to multiples of the block). Computed once on the host, like splash
@@ -14,19 +14,21 @@ attention's MaskInfo:
   element mask without a second dense array.
 
 Array leaves may carry a leading member axis (`from_masks`), so the object can be
-vmapped together with member weights whose masks differ.
+vmapped together with member weights whose masks differ. The object is data only: the
+functions that multiply by it (`block_sparse_matmul`, `expert_matmul`) take it as an
+argument together with `implementation=` (kernels_pallas.implementations).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_tpu", "pallas_gpu")
 DEFAULT_BLOCK = 128
 MIN_BLOCK = 16
 
@@ -47,13 +49,6 @@ def fit_block(requested: int, dim: int) -> int:
 
 def padded(dim: int, block: int) -> int:
   return -(-dim // block) * block
-
-
-def _check_implementation(implementation: str) -> str:
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  return implementation
 
 
 def _as_binary(mask, name: str) -> np.ndarray:
@@ -140,7 +135,12 @@ def _resolve_block_shape(block_shape, shape: tuple[int, int]) -> tuple[int, int]
 class BlockSparseMask:
   """A fixed 0/1 mask `[K, N]` with the block metadata a skipping kernel needs.
 
-  Array fields (leading member axis `[M, ...]` when built by `from_masks`):
+  A registered pytree: the arrays are leaves (jit, vmap and scan trace them, so a new
+  mask of the same static sizes does not recompile) and `shape` / `block_shape` are
+  static aux data. Build it with `from_mask` / `from_masks` on the host; multiply with
+  `block_sparse_matmul(x, w, mask, implementation=...)` or `expert_matmul`.
+
+  Attributes:
     dense: [K, N] the 0/1 mask itself (float32), for counting and re-applying.
     col_block_rows: [Nb, max_col] non-zero K-block ids per N-block (padded).
     col_block_slots: [Nb, max_col] their slots in `block_masks`.
@@ -150,9 +150,9 @@ class BlockSparseMask:
     row_block_counts: [Kb].
     block_slots: [Kb, Nb] slot of each block, -1 where the block is all zero.
     block_masks: [S, bk, bn] int8 element masks; slot 0 is all ones.
-  Static fields: shape (K, N), block_shape (bk, bn), implementation.
-
-  Use `matmul(x, w)` for `x @ (w * dense)` through the selected implementation.
+    shape: static (K, N).
+    block_shape: static (bk, bn).
+  Every array carries a leading member axis `[M, ...]` when built by `from_masks`.
   """
 
   dense: jax.Array
@@ -166,11 +166,9 @@ class BlockSparseMask:
   block_masks: jax.Array
   shape: tuple[int, int]
   block_shape: tuple[int, int]
-  implementation: str = "auto"
 
   @classmethod
-  def from_mask(cls, mask, *, block_shape: tuple[int, int] | None = None,
-                implementation: str = "auto") -> BlockSparseMask:
+  def from_mask(cls, mask, *, block_shape: tuple[int, int] | None = None) -> BlockSparseMask:
     """Builds the metadata of one fixed mask on the host.
 
     Args:
@@ -178,7 +176,6 @@ class BlockSparseMask:
         not a tracer: metadata is computed once, outside jit.
       block_shape: (bk, bn), default (128, 128); each is shrunk to
         `max(16, next_power_of_2(dim))` for a smaller dimension.
-      implementation: default for `matmul`: one of IMPLEMENTATIONS.
 
     Returns:
       A BlockSparseMask without a member axis.
@@ -186,18 +183,16 @@ class BlockSparseMask:
     mask = _as_binary(mask, "mask")
     if mask.ndim != 2:
       raise ValueError(f"mask must be 2-D [K, N], got shape {mask.shape}")
-    stacked = cls.from_masks(mask[None], block_shape=block_shape, implementation=implementation)
+    stacked = cls.from_masks(mask[None], block_shape=block_shape)
     return jax.tree.map(lambda leaf: leaf[0], stacked)
 
   @classmethod
-  def from_masks(cls, masks, *, block_shape: tuple[int, int] | None = None,
-                 implementation: str = "auto") -> BlockSparseMask:
+  def from_masks(cls, masks, *, block_shape: tuple[int, int] | None = None) -> BlockSparseMask:
     """Builds stacked metadata for masks `[M, K, N]` that share one static maximum.
 
     Args:
       masks: [M, K, N] 0/1 (or bool) array, one mask per member or expert.
       block_shape: as in `from_mask`.
-      implementation: as in `from_mask`.
 
     Returns:
       A BlockSparseMask whose array leaves have a leading axis M (vmap it with the
@@ -206,7 +201,6 @@ class BlockSparseMask:
     masks = _as_binary(masks, "masks")
     if masks.ndim != 3 or masks.shape[0] == 0:
       raise ValueError(f"masks must be 3-D [M, K, N] with M >= 1, got shape {masks.shape}")
-    _check_implementation(implementation)
     shape = (int(masks.shape[1]), int(masks.shape[2]))
     block_shape = _resolve_block_shape(block_shape, shape)
     sizes = np.array([_sizes(m, block_shape) for m in masks])
@@ -215,19 +209,7 @@ class BlockSparseMask:
     per_member = [_host_metadata(m, block_shape, max_col, max_row, num_slots) for m in masks]
     arrays = {k: jnp.asarray(np.stack([p[k] for p in per_member])) for k in per_member[0]}
     return cls(dense=jnp.asarray(masks, jnp.float32), shape=shape, block_shape=block_shape,
-               implementation=implementation, **arrays)
-
-  def matmul(self, x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x @ (w * self.dense)`; x: [..., K], w: [K, N] -> [..., N]."""
-    from kernels_pallas.block_sparse.ops import block_sparse_matmul
-    return block_sparse_matmul(x, w, self)
-
-  def block_density(self) -> float:
-    """Fraction of blocks that hold a non-zero (host-side; needs concrete arrays)."""
-    return float(np.mean(np.asarray(self.block_slots) >= 0))
-
-  def replace(self, **changes) -> BlockSparseMask:
-    return dataclasses.replace(self, **changes)
+               **arrays)
 
 
 jax.tree_util.register_dataclass(
@@ -235,5 +217,31 @@ jax.tree_util.register_dataclass(
     data_fields=["dense", "col_block_rows", "col_block_slots", "col_block_counts",
                  "row_block_cols", "row_block_slots", "row_block_counts", "block_slots",
                  "block_masks"],
-    meta_fields=["shape", "block_shape", "implementation"],
+    meta_fields=["shape", "block_shape"],
 )
+
+
+class KernelMetadata(NamedTuple):
+  """What the kernels read of a BlockSparseMask: its arrays without `dense`.
+
+  Each field as in BlockSparseMask, with the same leading axes.
+  """
+
+  col_block_rows: jax.Array
+  col_block_slots: jax.Array
+  col_block_counts: jax.Array
+  row_block_cols: jax.Array
+  row_block_slots: jax.Array
+  row_block_counts: jax.Array
+  block_slots: jax.Array
+  block_masks: jax.Array
+
+
+def kernel_metadata(mask: BlockSparseMask) -> KernelMetadata:
+  """The kernel-facing arrays of `mask` (the dense 0/1 array stays behind)."""
+  return KernelMetadata(*(getattr(mask, f) for f in KernelMetadata._fields))
+
+
+def block_density(mask: BlockSparseMask) -> float:
+  """Fraction of blocks that hold a non-zero (host-side; needs concrete arrays)."""
+  return float(np.mean(np.asarray(mask.block_slots) >= 0))

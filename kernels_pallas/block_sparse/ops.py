@@ -1,97 +1,42 @@
 """Public entry of the block-sparse masked matmul: dispatch, padding, custom VJP and vmap.
 
-`block_sparse_matmul(x, w, bsm)` computes `x @ (w * bsm.dense)`:
+`block_sparse_matmul(x, w, mask, implementation=...)` computes `x @ (w * mask.dense)`;
+`implementation` is one of kernels_pallas.implementations.IMPLEMENTATIONS:
 
 * "xla": the dense jnp reference (autodiff gives the masked weight gradient);
-* "pallas": the kernel for the running platform (TPU: Mosaic with scalar prefetch,
-  GPU: Triton with index arrays as inputs; on CPU the TPU kernel in interpret mode);
-* "pallas_tpu" / "pallas_gpu": that kernel explicitly (interpreted on CPU);
-* "auto": "xla" on CPU, "pallas" on TPU and GPU.
+* "pallas": the kernel of the running platform (TPU: Mosaic with scalar prefetch, GPU:
+  Triton with index arrays as inputs; on CPU the TPU kernel in interpret mode), or the
+  one named by `backend=` ("tpu" | "gpu", interpreted on CPU);
+* "auto": "pallas" on TPU and GPU, "xla" on CPU.
 
 Gradients go through `jax.custom_vjp` (forward, input-gradient and weight-gradient
 kernels all skip empty blocks; the weight gradient is zero off the mask). Every kernel
 call is wrapped in `jax.custom_batching.custom_vmap`, so `vmap` over ensemble members
 (weights and masks with a leading member axis) becomes one kernel launch whose grid has
 a member axis, instead of Pallas' fallback loop over batched scalar-prefetch operands.
+`stacked_matmul` is the same op for an explicit `grouped.KernelConfig`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.block_sparse import kernel_gpu, kernel_tpu
+from kernels_pallas import implementations
+from kernels_pallas.block_sparse import grouped
 from kernels_pallas.block_sparse.layout import stacked_layout
 from kernels_pallas.block_sparse.metadata import (
-    IMPLEMENTATIONS,
     BlockSparseMask,
-    fit_block,
+    KernelMetadata,
+    kernel_metadata,
     padded,
 )
 from kernels_pallas.block_sparse.reference import masked_matmul_reference
 
-DEFAULT_BLOCK_M = 128
-_BACKENDS = {"tpu": kernel_tpu, "gpu": kernel_gpu}
-
-
-class KernelConfig(NamedTuple):
-  """Static (hashable) choice of kernel: backend ("tpu" | "gpu"), interpret, row tile cap."""
-
-  backend: str
-  interpret: bool
-  block_m: int
-
-
-def resolve_implementation(implementation: str, block_m: int = DEFAULT_BLOCK_M
-                           ) -> KernelConfig | None:
-  """Maps an implementation name to a KernelConfig, or None for the XLA reference."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-  if not isinstance(block_m, int) or block_m < 1:
-    raise ValueError(f"block_m must be a positive int, got {block_m!r}")
-  platform = jax.default_backend()
-  on_gpu = platform in ("gpu", "cuda", "rocm")
-  if implementation == "xla" or (implementation == "auto" and platform == "cpu"):
-    return None
-  if implementation in ("auto", "pallas"):
-    backend = "gpu" if on_gpu else "tpu"
-  else:
-    backend = implementation.removeprefix("pallas_")
-  if platform != "cpu" and (backend == "gpu") != on_gpu:
-    raise ValueError(f"implementation={implementation!r} cannot run on platform {platform!r}; "
-                     "use 'pallas' or 'auto' to pick the kernel for this platform")
-  return KernelConfig(backend=backend, interpret=platform == "cpu", block_m=block_m)
-
-
-def _pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  if a.shape == tuple(shape):
-    return a
-  return jnp.pad(a, [(0, s - d) for d, s in zip(a.shape, shape, strict=True)])
-
-
-class _Meta(NamedTuple):
-  """The kernel-facing arrays of a (stacked) BlockSparseMask, each with a leading [G]."""
-
-  col_block_rows: jax.Array
-  col_block_slots: jax.Array
-  col_block_counts: jax.Array
-  row_block_cols: jax.Array
-  row_block_slots: jax.Array
-  row_block_counts: jax.Array
-  block_slots: jax.Array
-  block_masks: jax.Array
-
-
-def _meta_of(bsm: BlockSparseMask) -> _Meta:
-  return _Meta(*(getattr(bsm, f) for f in _Meta._fields))
-
-
-def _flat(a: jax.Array) -> jax.Array:
-  return a.reshape(-1).astype(jnp.int32)
+DEFAULT_BLOCK_M = grouped.DEFAULT_BLOCK_M
 
 
 class _Geometry(NamedTuple):
@@ -101,56 +46,49 @@ class _Geometry(NamedTuple):
   np_: int
 
 
-def _geometry(cfg: KernelConfig, rows: int, k: int, n: int, meta: _Meta, dtype) -> _Geometry:
-  bk, bn = meta.block_masks.shape[-2:]
-  bm = fit_block(cfg.block_m, rows)
-  geo = _Geometry(bm=bm, bp=padded(rows, bm), kp=padded(k, bk), np_=padded(n, bn))
-  if not cfg.interpret:  # the interpreter has no tiling rules; hardware does
-    _BACKENDS[cfg.backend].check_blocks(bm, bk, bn, geo.kp, geo.np_, dtype)
-  return geo
+def _geometry(cfg: grouped.KernelConfig, rows: int, k: int, n: int, meta: KernelMetadata,
+              dtype) -> _Geometry:
+  bm = grouped.row_tile(cfg, rows, meta, k, n, dtype)
+  return _Geometry(bm, padded(rows, bm), *grouped.padded_dims(meta, k, n))
 
 
 def _rows(a: jax.Array, bp: int, width: int) -> jax.Array:
   """[G, B, D] -> [G * bp, width] zero-padded rows."""
   g = a.shape[0]
-  return _pad_to(a, (g, bp, width)).reshape(g * bp, width)
+  return grouped.pad_to(a, (g, bp, width)).reshape(g * bp, width)
 
 
-def _stacked_forward(cfg: KernelConfig, x: jax.Array, w: jax.Array, meta: _Meta) -> jax.Array:
+def _stacked_forward(cfg: grouped.KernelConfig, x: jax.Array, w: jax.Array,
+                     meta: KernelMetadata) -> jax.Array:
   """[G, B, K] x [G, K, N] -> [G, B, N] through the forward kernel."""
   g, b, k = x.shape
   n = w.shape[-1]
   geo = _geometry(cfg, b, k, n, meta, x.dtype)
-  y = _BACKENDS[cfg.backend].forward(
-      _rows(x, geo.bp, geo.kp), _pad_to(w, (g, geo.kp, geo.np_)), _flat(meta.col_block_rows),
-      _flat(meta.col_block_slots), _flat(meta.col_block_counts), meta.block_masks,
-      stacked_layout(g, geo.bp // geo.bm), bm=geo.bm, interpret=cfg.interpret)
+  y = grouped.forward(cfg, _rows(x, geo.bp, geo.kp), grouped.pad_to(w, (g, geo.kp, geo.np_)),
+                      meta, stacked_layout(g, geo.bp // geo.bm), bm=geo.bm)
   return y.reshape(g, geo.bp, geo.np_)[:, :b, :n]
 
 
-def _stacked_input_grad(cfg: KernelConfig, dy: jax.Array, w: jax.Array, meta: _Meta
-                        ) -> jax.Array:
+def _stacked_input_grad(cfg: grouped.KernelConfig, dy: jax.Array, w: jax.Array,
+                        meta: KernelMetadata) -> jax.Array:
   """[G, B, N] x [G, K, N] -> [G, B, K]: dy @ (w * mask).T per group."""
   g, b, n = dy.shape
   k = w.shape[1]
   geo = _geometry(cfg, b, k, n, meta, dy.dtype)
-  dx = _BACKENDS[cfg.backend].input_grad(
-      _rows(dy, geo.bp, geo.np_), _pad_to(w, (g, geo.kp, geo.np_)), _flat(meta.row_block_cols),
-      _flat(meta.row_block_slots), _flat(meta.row_block_counts), meta.block_masks,
-      stacked_layout(g, geo.bp // geo.bm), bm=geo.bm, interpret=cfg.interpret)
+  dx = grouped.input_grad(cfg, _rows(dy, geo.bp, geo.np_),
+                          grouped.pad_to(w, (g, geo.kp, geo.np_)), meta,
+                          stacked_layout(g, geo.bp // geo.bm), bm=geo.bm)
   return dx.reshape(g, geo.bp, geo.kp)[:, :b, :k]
 
 
-def _stacked_weight_grad(cfg: KernelConfig, x: jax.Array, dy: jax.Array, meta: _Meta
-                         ) -> jax.Array:
+def _stacked_weight_grad(cfg: grouped.KernelConfig, x: jax.Array, dy: jax.Array,
+                         meta: KernelMetadata) -> jax.Array:
   """[G, B, K] x [G, B, N] -> [G, K, N]: (x.T @ dy) * mask per group."""
   g, b, k = x.shape
   n = dy.shape[-1]
   geo = _geometry(cfg, b, k, n, meta, x.dtype)
-  dw = _BACKENDS[cfg.backend].weight_grad(
-      _rows(x, geo.bp, geo.kp), _rows(dy, geo.bp, geo.np_), _flat(meta.block_slots),
-      meta.block_masks, stacked_layout(g, geo.bp // geo.bm), num_groups=g, bm=geo.bm,
-      out_dtype=x.dtype, interpret=cfg.interpret)
+  dw = grouped.weight_grad(cfg, _rows(x, geo.bp, geo.kp), _rows(dy, geo.bp, geo.np_), meta,
+                           stacked_layout(g, geo.bp // geo.bm), bm=geo.bm, out_dtype=x.dtype)
   return dw[:, :k, :n]
 
 
@@ -168,7 +106,7 @@ def _with_vmap(fn, foldable: int | None):
   """
 
   @functools.cache
-  def for_config(cfg: KernelConfig):
+  def for_config(cfg: grouped.KernelConfig):
     op = jax.custom_batching.custom_vmap(functools.partial(fn, cfg))
 
     @op.def_vmap
@@ -200,7 +138,7 @@ _weight_grad_op = _with_vmap(_stacked_weight_grad, foldable=None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stacked_matmul(cfg: KernelConfig, x: jax.Array, w: jax.Array, meta: _Meta) -> jax.Array:
+def _stacked_matmul(cfg, x, w, meta):
   return _forward_op(cfg)(x, w, meta)
 
 
@@ -219,40 +157,69 @@ def _stacked_matmul_bwd(cfg, residuals, dy):
 _stacked_matmul.defvjp(_stacked_matmul_fwd, _stacked_matmul_bwd)
 
 
-def block_sparse_matmul(x: jax.Array, w: jax.Array, bsm: BlockSparseMask, *,
-                        implementation: str | None = None,
-                        block_m: int = DEFAULT_BLOCK_M) -> jax.Array:
-  """`x @ (w * bsm.dense)` without loading or multiplying the mask's empty blocks.
+def stacked_matmul(cfg: grouped.KernelConfig, x: Annotated[jax.Array, "g b k"],
+                   w: Annotated[jax.Array, "g k n"], meta: KernelMetadata
+                   ) -> Annotated[jax.Array, "g b n"]:
+  """`x[g] @ (w[g] * mask[g])` for every group g in one launch of `cfg`'s kernel.
+
+  The layer under `block_sparse_matmul` for a caller that fixes the kernel itself (e.g.
+  to lower a TPU or GPU kernel from a CPU host). Differentiable in x and w, vmap-able.
+
+  Args:
+    cfg: the kernel (`grouped.kernel_config`, or a KernelConfig made by hand).
+    x: [G, B, K] activations, same dtype as w.
+    w: [G, K, N] weights.
+    meta: `kernel_metadata` of a BlockSparseMask, leaves with a leading [G].
+
+  Returns:
+    [G, B, N] in x's dtype (f32 accumulation).
+  """
+  return _stacked_matmul(cfg, x, w, meta)
+
+
+def block_sparse_matmul(
+    x: Annotated[jax.Array, "*batch k"],
+    w: Annotated[jax.Array, "k n"],
+    mask: BlockSparseMask,
+    *,
+    implementation: implementations.Implementation = "auto",
+    backend: implementations.PallasBackend | None = None,
+    block_m: int = DEFAULT_BLOCK_M,
+) -> Annotated[jax.Array, "*batch n"]:
+  """`x @ (w * mask.dense)` without loading or multiplying the mask's empty blocks.
 
   Args:
     x: [..., K] activations (f32 or bf16).
     w: [K, N] weights (f32 or bf16); x and w are promoted to a common dtype and the
       kernel accumulates in f32.
-    bsm: the BlockSparseMask of a fixed [K, N] mask (no member axis: vmap a stacked
+    mask: the BlockSparseMask of a fixed [K, N] mask (no member axis: vmap a stacked
       one together with stacked weights).
-    implementation: one of IMPLEMENTATIONS; None uses `bsm.implementation`.
+    implementation: one of kernels_pallas.implementations.IMPLEMENTATIONS.
+    backend: with "pallas", force the "tpu" or "gpu" kernel (interpreted on CPU); None
+      is the platform's.
     block_m: row tile cap (shrunk for small batches).
 
   Returns:
     [..., N] in the promoted dtype. Differentiable in x and w (custom VJP), jit- and
     vmap-able.
   """
-  if not isinstance(bsm, BlockSparseMask):
-    raise TypeError(f"bsm must be a BlockSparseMask, got {type(bsm).__name__}")
-  cfg = resolve_implementation(implementation or bsm.implementation, block_m)
-  k, n = bsm.shape
-  if bsm.dense.ndim != 2:
-    raise ValueError(f"bsm has a leading member axis (dense {bsm.dense.shape}); vmap over it "
-                     "together with the stacked weights")
+  if not isinstance(mask, BlockSparseMask):
+    raise TypeError(f"mask must be a BlockSparseMask, got {type(mask).__name__}")
+  implementations.check_implementation(implementation, backend)
+  k, n = mask.shape
+  if mask.dense.ndim != 2:
+    raise ValueError(f"mask has a leading member axis (dense {mask.dense.shape}); vmap over "
+                     "it together with the stacked weights")
   if w.shape != (k, n):
     raise ValueError(f"w has shape {w.shape}, expected the mask's shape {(k, n)}")
   if x.ndim < 1 or x.shape[-1] != k:
     raise ValueError(f"x has shape {x.shape}, expected [..., {k}]")
-  if cfg is None:
-    return masked_matmul_reference(x, w, bsm.dense)
+  if implementations.resolve_implementation(implementation) == "xla":
+    return masked_matmul_reference(x, w, mask.dense)
+  cfg = grouped.kernel_config(backend, block_m)
   dtype = jnp.result_type(x, w)
   lead = x.shape[:-1]
   x3 = x.astype(dtype).reshape(1, -1, k)
-  meta = jax.tree.map(lambda a: a[None], _meta_of(bsm))
-  y = _stacked_matmul(cfg, x3, w.astype(dtype)[None], meta)
+  meta = jax.tree.map(lambda a: a[None], kernel_metadata(mask))
+  y = stacked_matmul(cfg, x3, w.astype(dtype)[None], meta)
   return y.reshape(lead + (n,))

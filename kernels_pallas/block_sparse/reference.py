@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import jax
 
 
-def masked_matmul_reference(x: jax.Array, w: jax.Array, dense_mask: jax.Array) -> jax.Array:
+def masked_matmul_reference(x: Annotated[jax.Array, "*batch k"], w: Annotated[jax.Array, "k n"],
+                            dense_mask: Annotated[jax.Array, "k n"]
+                            ) -> Annotated[jax.Array, "*batch n"]:
   """`x @ (w * dense_mask)`; x: [..., K], w: [K, N], dense_mask: [K, N] -> [..., N].
 
   Autodiff gives dx = dy @ (w * mask).T and dw = (x.T @ dy) * mask, the weight gradient

@@ -2,34 +2,30 @@
 
 Tokens are grouped by expert (each group padded to whole row tiles), every group is
 multiplied by its expert's masked weight in ONE kernel launch whose row tiles carry
-their expert id (the block-sparse kernels' grouped-rows layout), and the results are
-scattered back to token order. An expert with no tokens costs one tile of zero rows;
-an all-zero weight block of any expert is never loaded or multiplied.
+their expert id (the block-sparse kernels' grouped-rows layout, through the public
+`block_sparse.grouped` calls), and the results are scattered back to token order. An
+expert with no tokens costs one tile of zero rows; an all-zero weight block of any
+expert is never loaded or multiplied.
 
-The "xla" implementation sorts tokens and calls `jax.lax.ragged_dot` on the masked
-weights (XLA's grouped matmul); `reference.expert_matmul_reference` is the
-independent one-hot check.
+`implementation` is one of kernels_pallas.implementations.IMPLEMENTATIONS: "xla" sorts
+tokens and calls `jax.lax.ragged_dot` on the masked weights (XLA's grouped matmul);
+"pallas" runs the kernel of the platform (interpreted on CPU); "auto" is "pallas" on TPU
+and GPU, "xla" on CPU. `reference.expert_matmul_reference` is the independent one-hot
+check.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas import implementations
+from kernels_pallas.block_sparse import grouped
 from kernels_pallas.block_sparse.layout import RowLayout, max_routed_tiles, routed_layout
-from kernels_pallas.block_sparse.metadata import BlockSparseMask, fit_block, padded
-from kernels_pallas.block_sparse.ops import (
-    _BACKENDS,
-    DEFAULT_BLOCK_M,
-    KernelConfig,
-    _flat,
-    _Meta,
-    _meta_of,
-    _pad_to,
-    resolve_implementation,
-)
+from kernels_pallas.block_sparse.metadata import BlockSparseMask, KernelMetadata, kernel_metadata
 
 
 def _routed_xla(x, expert_ids, w, dense_masks):
@@ -44,42 +40,43 @@ def _scatter_rows(a: jax.Array, row: jax.Array, num_rows: int, width: int) -> ja
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _routed_matmul(cfg: KernelConfig, bm: int, x, w, meta: _Meta, layout: RowLayout, row):
+def _routed_matmul(cfg: grouped.KernelConfig, bm: int, x, w, meta: KernelMetadata,
+                   layout: RowLayout, row):
   return _routed_matmul_fwd(cfg, bm, x, w, meta, layout, row)[0]
 
 
 def _routed_matmul_fwd(cfg, bm, x, w, meta, layout, row):
   (_, k), (e, _, n) = x.shape, w.shape
-  bk, bn = meta.block_masks.shape[-2:]
-  kp, np_ = padded(k, bk), padded(n, bn)
+  kp, np_ = grouped.padded_dims(meta, k, n)
   x_rows = _scatter_rows(x, row, layout.tile_group.shape[0] * bm, kp)
-  w_p = _pad_to(w, (e, kp, np_))
-  y_rows = _BACKENDS[cfg.backend].forward(
-      x_rows, w_p, _flat(meta.col_block_rows), _flat(meta.col_block_slots),
-      _flat(meta.col_block_counts), meta.block_masks, layout, bm=bm, interpret=cfg.interpret)
+  w_p = grouped.pad_to(w, (e, kp, np_))
+  y_rows = grouped.forward(cfg, x_rows, w_p, meta, layout, bm=bm)
   # x itself rides along only for its static shape (the gradient must be cut back to K).
   return y_rows[row, :n], (x_rows, w, w_p, meta, layout, row, x)
 
 
 def _routed_matmul_bwd(cfg, bm, residuals, dy):
   x_rows, w, w_p, meta, layout, row, x = residuals
-  (_, k), (e, _, n) = x.shape, w.shape
-  backend = _BACKENDS[cfg.backend]
+  (_, k), (_, _, n) = x.shape, w.shape
   dy_rows = _scatter_rows(dy.astype(x_rows.dtype), row, x_rows.shape[0], w_p.shape[2])
-  dx_rows = backend.input_grad(
-      dy_rows, w_p, _flat(meta.row_block_cols), _flat(meta.row_block_slots),
-      _flat(meta.row_block_counts), meta.block_masks, layout, bm=bm, interpret=cfg.interpret)
-  dw = backend.weight_grad(x_rows, dy_rows, _flat(meta.block_slots), meta.block_masks, layout,
-                           num_groups=e, bm=bm, out_dtype=w_p.dtype, interpret=cfg.interpret)
+  dx_rows = grouped.input_grad(cfg, dy_rows, w_p, meta, layout, bm=bm)
+  dw = grouped.weight_grad(cfg, x_rows, dy_rows, meta, layout, bm=bm, out_dtype=w_p.dtype)
   return dx_rows[row, :k], dw[:, :k, :n], None, None, None
 
 
 _routed_matmul.defvjp(_routed_matmul_fwd, _routed_matmul_bwd)
 
 
-def expert_matmul(x: jax.Array, expert_ids: jax.Array, w: jax.Array,
-                  expert_masks: BlockSparseMask, *, implementation: str | None = None,
-                  block_m: int = DEFAULT_BLOCK_M) -> jax.Array:
+def expert_matmul(
+    x: Annotated[jax.Array, "t k"],
+    expert_ids: Annotated[jax.Array, "t"],
+    w: Annotated[jax.Array, "e k n"],
+    expert_masks: BlockSparseMask,
+    *,
+    implementation: implementations.Implementation = "auto",
+    backend: implementations.PallasBackend | None = None,
+    block_m: int = grouped.DEFAULT_BLOCK_M,
+) -> Annotated[jax.Array, "t n"]:
   """y[t] = x[t] @ (w[e_t] * mask[e_t]) with each expert's empty blocks skipped.
 
   Args:
@@ -88,7 +85,8 @@ def expert_matmul(x: jax.Array, expert_ids: jax.Array, w: jax.Array,
       are clipped into range).
     w: [E, K, N] expert weights.
     expert_masks: BlockSparseMask built by `BlockSparseMask.from_masks(masks[E, K, N])`.
-    implementation: one of block_sparse.IMPLEMENTATIONS; None uses the mask's.
+    implementation: one of kernels_pallas.implementations.IMPLEMENTATIONS.
+    backend: with "pallas", force the "tpu" or "gpu" kernel (interpreted on CPU).
     block_m: row tile cap (shrunk for few tokens).
 
   Returns:
@@ -96,6 +94,7 @@ def expert_matmul(x: jax.Array, expert_ids: jax.Array, w: jax.Array,
   """
   if not isinstance(expert_masks, BlockSparseMask):
     raise TypeError(f"expert_masks must be a BlockSparseMask, got {type(expert_masks).__name__}")
+  implementations.check_implementation(implementation, backend)
   if expert_masks.dense.ndim != 3:
     raise ValueError("expert_masks must be stacked [E, K, N] (BlockSparseMask.from_masks), got "
                      f"dense {expert_masks.dense.shape}")
@@ -107,16 +106,13 @@ def expert_matmul(x: jax.Array, expert_ids: jax.Array, w: jax.Array,
   if expert_ids.shape != x.shape[:1] or not jnp.issubdtype(expert_ids.dtype, jnp.integer):
     raise ValueError(f"expert_ids must be an int array of shape {x.shape[:1]}, got "
                      f"{expert_ids.dtype}{list(expert_ids.shape)}")
-  cfg = resolve_implementation(implementation or expert_masks.implementation, block_m)
   dtype = jnp.result_type(x, w)
   x, w = x.astype(dtype), w.astype(dtype)
   expert_ids = jnp.clip(expert_ids.astype(jnp.int32), 0, e - 1)
-  if cfg is None:
+  if implementations.resolve_implementation(implementation) == "xla":
     return _routed_xla(x, expert_ids, w, expert_masks.dense)
-  bm = fit_block(cfg.block_m, x.shape[0])
-  meta = _meta_of(expert_masks)
-  if not cfg.interpret:
-    bk, bn = meta.block_masks.shape[-2:]
-    _BACKENDS[cfg.backend].check_blocks(bm, bk, bn, padded(k, bk), padded(n, bn), dtype)
+  cfg = grouped.kernel_config(backend, block_m)
+  meta = kernel_metadata(expert_masks)
+  bm = grouped.row_tile(cfg, x.shape[0], meta, k, n, dtype)
   layout, row = routed_layout(expert_ids, e, bm, max_routed_tiles(x.shape[0], e, bm))
   return _routed_matmul(cfg, bm, x, w, meta, layout, row)

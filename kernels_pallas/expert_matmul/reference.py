@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import jax
 import jax.numpy as jnp
 
 
-def expert_matmul_reference(x: jax.Array, expert_ids: jax.Array, w: jax.Array,
-                            dense_masks: jax.Array) -> jax.Array:
+def expert_matmul_reference(x: Annotated[jax.Array, "t k"], expert_ids: Annotated[jax.Array, "t"],
+                            w: Annotated[jax.Array, "e k n"],
+                            dense_masks: Annotated[jax.Array, "e k n"]
+                            ) -> Annotated[jax.Array, "t n"]:
   """y[t] = x[t] @ (w[e_t] * mask[e_t]), computed for all experts and picked by one-hot.
 
   Args:
