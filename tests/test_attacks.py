@@ -142,6 +142,29 @@ def test_more_steps_and_restarts_never_raise_accuracy():
   assert all(b <= a for a, b in itertools.pairwise(by_restarts)), by_restarts
 
 
+def test_traced_restarts_and_steps_compile_once_and_match_fixed_ones():
+  params = linear_model(9, classes=3)
+  x = points(9, 128)
+  y = jnp.argmax(linear_apply(params, x), -1)
+  keys = jax.random.split(jax.random.key(10), 4)
+  traces = []
+
+  @jax.jit
+  def robust(eps, steps, restarts):
+    traces.append(None)
+    attack = attacks.make_attack("pgd", objective(params, "ce"), eps=eps, steps=steps,
+                                 step_size=0.25 * eps)
+    return attacks.robust_mask(predictor(params), attack, x, y, keys, restarts)
+
+  for eps, steps, restarts in ((0.05, 3, 1), (0.1, 5, 4), (0.1, 5, 2)):
+    fixed = attacks.robust_mask(
+        predictor(params), attacks.make_attack("pgd", objective(params, "ce"), eps=eps,
+                                               steps=steps, step_size=0.25 * eps),
+        x, y, keys[:restarts])
+    np.testing.assert_array_equal(robust(eps, steps, restarts), fixed)
+  assert len(traces) == 1
+
+
 def test_attacks_stay_in_eps_ball_and_box_for_every_target():
   config = cnn.CNNConfig(width=4, hidden=8)
   stacked = ensemble.init_members(lambda k: cnn.init_cnn(k, config), jax.random.key(0), 2)
@@ -175,18 +198,27 @@ def test_objectives_match_their_definitions():
   x = points(13, 8)
   y = jnp.arange(8) % 3
   logits = np.stack([np.asarray(linear_apply(p, x)) for p in ensemble.unstack_members(stacked)])
-  per_member = np.stack([attacks.attack_loss(jnp.asarray(z), y, "margin") for z in logits])
-  get = lambda target, member=None: np.asarray(attacks.ensemble_objective(
-      linear_apply, stacked, target, "margin", member)(x, y))
-  np.testing.assert_allclose(get("max_member"), per_member.max(0), rtol=1e-5)
-  np.testing.assert_allclose(get("member", 2), per_member[2], rtol=1e-5)
-  np.testing.assert_allclose(
-      get("mean_logits"), attacks.attack_loss(jnp.asarray(logits.mean(0)), y, "margin"),
-      rtol=1e-5)
   log_mean_prob = np.log(np.mean(jax.nn.softmax(jnp.asarray(logits), -1), 0))
-  np.testing.assert_allclose(
-      get("ensemble"), attacks.attack_loss(jnp.asarray(log_mean_prob), y, "margin"),
-      rtol=1e-4, atol=1e-6)
+  want = {}
+  for loss in attacks.ATTACK_LOSSES:
+    per_member = np.stack([attacks.attack_loss(jnp.asarray(z), y, loss) for z in logits])
+    want[("max_member", loss, None)] = per_member.max(0)
+    want[("member", loss, 2)] = per_member[2]
+    want[("mean_logits", loss, None)] = attacks.attack_loss(jnp.asarray(logits.mean(0)), y, loss)
+    want[("ensemble", loss, None)] = attacks.attack_loss(jnp.asarray(log_mean_prob), y, loss)
+  choices = [attacks.ObjectiveChoice(*c) for c in want]
+  table = jax.jit(attacks.objective_table(linear_apply, stacked, choices))(x, y)
+  for row, (choice, value) in zip(table, want.items(), strict=True):
+    np.testing.assert_allclose(row, value, rtol=1e-4, atol=1e-6, err_msg=str(choice))
+    single = attacks.ensemble_objective(linear_apply, stacked, *choice)(x, y)
+    np.testing.assert_allclose(single, value, rtol=1e-4, atol=1e-6, err_msg=str(choice))
+  assert [c.label for c in choices[:2]] == ["max_member/ce", "member2/ce"]
+  # A traced row index: one program, the gradient of the chosen objective alone.
+  objectives = attacks.objective_table(linear_apply, stacked, choices)
+  grad = jax.jit(lambda k: attacks.input_gradient(attacks.select_objective(objectives, k), x, y))
+  for k, choice in enumerate(choices):
+    np.testing.assert_allclose(grad(k), attacks.input_gradient(attacks.ensemble_objective(
+        linear_apply, stacked, *choice), x, y), rtol=1e-4, atol=1e-6)
 
 
 def test_transfer_counts_match_a_loop_reference():
@@ -257,3 +289,7 @@ def test_bad_arguments_raise_one_line_errors():
     attacks.ensemble_objective(linear_apply, stacked, "member", member=2)
   with pytest.raises(ValueError, match="steps=0 must be >= 1"):
     attacks.make_attack("pgd", objective(params, "ce"), eps=0.1, steps=0)
+  with pytest.raises(ValueError, match="choices must name at least one"):
+    attacks.objective_table(linear_apply, stacked, [])
+  with pytest.raises(ValueError, match=r"member=None must be an index"):
+    attacks.objective_table(linear_apply, stacked, [attacks.ObjectiveChoice("member", "ce")])
