@@ -56,7 +56,7 @@ def block_mask(rng: np.random.Generator, k: int, n: int, block_shape: tuple[int,
 
 def weight_bytes(bsm: BlockSparseMask, itemsize: int) -> int:
   """Bytes of weight (and packed element mask) a kernel reads: each non-zero block once."""
-  slots = np.asarray(bsm.block_slots)
+  slots = np.asarray(bsm.blocks.block_slots)
   bk, bn = bsm.block_shape
   partial = int(np.sum(slots > 0))
   return int(np.sum(slots >= 0)) * bk * bn * itemsize + partial * bk * bn

@@ -20,7 +20,6 @@ from kernels_pallas.block_sparse import (
   block_sparse_matmul,
   kernel_config,
   kernel_gpu,
-  kernel_metadata,
   kernel_tpu,
   masked_matmul_reference,
   stacked_matmul,
@@ -72,19 +71,19 @@ def test_metadata_lists_match_numpy_blocks(data):
   chex.assert_shape(bsm.dense, (6, K, N))
   for member, mask in enumerate(masks):
     nonzero = _np_blocks(mask, *BLOCK)
-    counts = np.asarray(bsm.col_block_counts[member])
-    rows = np.asarray(bsm.col_block_rows[member])
+    counts = np.asarray(bsm.blocks.col_block_counts[member])
+    rows = np.asarray(bsm.blocks.col_block_rows[member])
     np.testing.assert_array_equal(counts, nonzero.sum(0))
     for j in range(nonzero.shape[1]):
       np.testing.assert_array_equal(rows[j, :counts[j]], np.nonzero(nonzero[:, j])[0])
       if counts[j]:  # padding repeats the last real entry, so the pipeline skips the copy
         assert np.all(rows[j, counts[j]:] == rows[j, counts[j] - 1])
-    row_counts = np.asarray(bsm.row_block_counts[member])
+    row_counts = np.asarray(bsm.blocks.row_block_counts[member])
     np.testing.assert_array_equal(row_counts, nonzero.sum(1))
-    slots = np.asarray(bsm.block_slots[member])
+    slots = np.asarray(bsm.blocks.block_slots[member])
     np.testing.assert_array_equal(slots >= 0, nonzero)
     # Rebuild the padded mask from the packed element masks: it must be the input.
-    packed = np.asarray(bsm.block_masks[member])
+    packed = np.asarray(bsm.blocks.block_masks[member])
     kb, nb = nonzero.shape
     rebuilt = np.zeros((kb * BLOCK[0], nb * BLOCK[1]), bool)
     for r in range(kb):
@@ -93,7 +92,7 @@ def test_metadata_lists_match_numpy_blocks(data):
           rebuilt[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = packed[slots[r, c]]
     np.testing.assert_array_equal(rebuilt[:K, :N], mask)
     assert not rebuilt[K:].any() and not rebuilt[:, N:].any()
-  assert np.all(np.asarray(bsm.block_masks[:, 0]) == 1)  # slot 0: shared all-ones block
+  assert np.all(np.asarray(bsm.blocks.block_masks[:, 0]) == 1)  # slot 0: shared all-ones block
 
 
 def test_block_shape_fits_small_layers():
@@ -101,7 +100,7 @@ def test_block_shape_fits_small_layers():
   assert fit_block(128, 576) == 128 and fit_block(64, 100) == 64
   bsm = BlockSparseMask.from_mask(np.ones((64, 16)))
   assert bsm.block_shape == (64, 16)
-  chex.assert_shape(bsm.col_block_rows, (1, 1))
+  chex.assert_shape(bsm.blocks.col_block_rows, (1, 1))
   assert block_density(bsm) == 1.0
 
 
@@ -324,8 +323,8 @@ def test_kernels_lower_for_tpu_and_gpu(platform, backend, dtype):
   cfg = KernelConfig(backend=backend, interpret=False, block_m=128)
   mask = np.kron(np.random.default_rng(6).random((4, 3)) < 0.5, np.ones((128, 128), bool))
   mask[:, :5] = 0  # partly filled blocks: the packed element masks are used too
-  meta = jax.tree.map(lambda a: a[None], kernel_metadata(
-      BlockSparseMask.from_mask(mask, block_shape=(128, 128))))
+  meta = jax.tree.map(lambda a: a[None],
+                      BlockSparseMask.from_mask(mask, block_shape=(128, 128)).blocks)
 
   def loss(x, w):
     return jnp.sum(stacked_matmul(cfg, x, w, meta).astype(jnp.float32) ** 2)

@@ -7,16 +7,11 @@ IMPLEMENTATIONS is kernels_pallas.implementations' vocabulary (the same object).
 """
 
 from kernels_pallas.block_sparse.grouped import KernelConfig, kernel_config
-from kernels_pallas.block_sparse.metadata import (
-    BlockSparseMask,
-    KernelMetadata,
-    block_density,
-    kernel_metadata,
-)
+from kernels_pallas.block_sparse.metadata import BlockMetadata, BlockSparseMask, block_density
 from kernels_pallas.block_sparse.ops import block_sparse_matmul, stacked_matmul
 from kernels_pallas.block_sparse.reference import masked_matmul_reference
 from kernels_pallas.implementations import IMPLEMENTATIONS
 
-__all__ = ["IMPLEMENTATIONS", "BlockSparseMask", "KernelConfig", "KernelMetadata",
-           "block_density", "block_sparse_matmul", "kernel_config", "kernel_metadata",
-           "masked_matmul_reference", "stacked_matmul"]
+__all__ = ["IMPLEMENTATIONS", "BlockMetadata", "BlockSparseMask", "KernelConfig",
+           "block_density", "block_sparse_matmul", "kernel_config", "masked_matmul_reference",
+           "stacked_matmul"]

@@ -10,7 +10,7 @@ share, and the only place that picks a backend module:
 * `row_tile`, the row tile for a number of rows, checked against the hardware's tiling
   rules; `padded_dims` and `pad_to` for the zero padding to whole blocks;
 * `forward`, `input_grad`, `weight_grad`: one kernel launch each, on padded rows and a
-  BlockSparseMask's `KernelMetadata` with a leading group axis `[G, ...]`.
+  BlockSparseMask's `blocks` (BlockMetadata) with a leading group axis `[G, ...]`.
 
 Neither a custom VJP nor vmap lives here: those belong to each op.
 """
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from kernels_pallas import implementations
 from kernels_pallas.block_sparse import kernel_gpu, kernel_tpu
 from kernels_pallas.block_sparse.layout import RowLayout
-from kernels_pallas.block_sparse.metadata import KernelMetadata, fit_block, padded
+from kernels_pallas.block_sparse.metadata import BlockMetadata, fit_block, padded
 
 DEFAULT_BLOCK_M = 128
 _BACKENDS = {"tpu": kernel_tpu, "gpu": kernel_gpu}
@@ -76,13 +76,13 @@ def kernel_config(backend: str | None = None, block_m: int = DEFAULT_BLOCK_M) ->
   return KernelConfig(backend=backend or native or "tpu", interpret=interpret, block_m=block_m)
 
 
-def padded_dims(meta: KernelMetadata, k: int, n: int) -> tuple[int, int]:
+def padded_dims(meta: BlockMetadata, k: int, n: int) -> tuple[int, int]:
   """(Kp, Np): K and N rounded up to whole blocks of `meta`'s block shape."""
   bk, bn = meta.block_masks.shape[-2:]
   return padded(k, bk), padded(n, bn)
 
 
-def row_tile(cfg: KernelConfig, rows: int, meta: KernelMetadata, k: int, n: int, dtype) -> int:
+def row_tile(cfg: KernelConfig, rows: int, meta: BlockMetadata, k: int, n: int, dtype) -> int:
   """Rows per tile for `rows` rows, checked against the hardware's tiling rules.
 
   The interpreter has no tiling rules; on hardware a block shape the kernel cannot tile
@@ -107,7 +107,7 @@ def _flat(a: jax.Array) -> jax.Array:
 
 
 def forward(cfg: KernelConfig, x_rows: Annotated[jax.Array, "r kp"],
-            w: Annotated[jax.Array, "g kp np"], meta: KernelMetadata, layout: RowLayout, *,
+            w: Annotated[jax.Array, "g kp np"], meta: BlockMetadata, layout: RowLayout, *,
             bm: int) -> Annotated[jax.Array, "r np"]:
   """Per tile, `x_rows @ (w[g] * mask[g])` for the tile's group g, empty blocks skipped.
 
@@ -128,7 +128,7 @@ def forward(cfg: KernelConfig, x_rows: Annotated[jax.Array, "r kp"],
 
 
 def input_grad(cfg: KernelConfig, dy_rows: Annotated[jax.Array, "r np"],
-               w: Annotated[jax.Array, "g kp np"], meta: KernelMetadata, layout: RowLayout, *,
+               w: Annotated[jax.Array, "g kp np"], meta: BlockMetadata, layout: RowLayout, *,
                bm: int) -> Annotated[jax.Array, "r kp"]:
   """Per tile, `dy_rows @ (w[g] * mask[g]).T`: [R, Np] -> [R, Kp]; arguments as `forward`."""
   return _BACKENDS[cfg.backend].input_grad(
@@ -137,7 +137,7 @@ def input_grad(cfg: KernelConfig, dy_rows: Annotated[jax.Array, "r np"],
 
 
 def weight_grad(cfg: KernelConfig, x_rows: Annotated[jax.Array, "r kp"],
-                dy_rows: Annotated[jax.Array, "r np"], meta: KernelMetadata, layout: RowLayout,
+                dy_rows: Annotated[jax.Array, "r np"], meta: BlockMetadata, layout: RowLayout,
                 *, bm: int, out_dtype) -> Annotated[jax.Array, "g kp np"]:
   """Per group, `(x_rows.T @ dy_rows) * mask[g]` over the group's tiles, zero off the mask.
 

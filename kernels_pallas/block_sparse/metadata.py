@@ -2,7 +2,7 @@
 
 A fixed mask `[K, N]` is cut into blocks of `block_shape = (bk, bn)` (after zero-padding
 K and N up to multiples of the block). Computed once on the host, like splash
-attention's MaskInfo:
+attention's MaskInfo, into a `BlockMetadata` (the mask's `blocks`, all the kernels read):
 
 * per output column-block `j` the K-blocks that hold at least one non-zero, padded to a
   static maximum by repeating the last entry (a repeated block index makes the TPU
@@ -131,6 +131,30 @@ def _resolve_block_shape(block_shape, shape: tuple[int, int]) -> tuple[int, int]
   return fit_block(block_shape[0], shape[0]), fit_block(block_shape[1], shape[1])
 
 
+class BlockMetadata(NamedTuple):
+  """What the kernels read of a mask: its block index lists and packed element masks.
+
+  Attributes (a leading member axis `[M, ...]` on each when built by `from_masks`):
+    col_block_rows: [Nb, max_col] non-zero K-block ids per N-block (padded).
+    col_block_slots: [Nb, max_col] their slots in `block_masks`.
+    col_block_counts: [Nb] how many entries of each row are real.
+    row_block_cols: [Kb, max_row] non-zero N-block ids per K-block (padded).
+    row_block_slots: [Kb, max_row] their slots.
+    row_block_counts: [Kb].
+    block_slots: [Kb, Nb] slot of each block, -1 where the block is all zero.
+    block_masks: [S, bk, bn] int8 element masks; slot 0 is all ones.
+  """
+
+  col_block_rows: jax.Array
+  col_block_slots: jax.Array
+  col_block_counts: jax.Array
+  row_block_cols: jax.Array
+  row_block_slots: jax.Array
+  row_block_counts: jax.Array
+  block_slots: jax.Array
+  block_masks: jax.Array
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSparseMask:
   """A fixed 0/1 mask `[K, N]` with the block metadata a skipping kernel needs.
@@ -142,28 +166,14 @@ class BlockSparseMask:
 
   Attributes:
     dense: [K, N] the 0/1 mask itself (float32), for counting and re-applying.
-    col_block_rows: [Nb, max_col] non-zero K-block ids per N-block (padded).
-    col_block_slots: [Nb, max_col] their slots in `block_masks`.
-    col_block_counts: [Nb] how many entries of each row are real.
-    row_block_cols: [Kb, max_row] non-zero N-block ids per K-block (padded).
-    row_block_slots: [Kb, max_row] their slots.
-    row_block_counts: [Kb].
-    block_slots: [Kb, Nb] slot of each block, -1 where the block is all zero.
-    block_masks: [S, bk, bn] int8 element masks; slot 0 is all ones.
+    blocks: the BlockMetadata the kernels read (the dense mask stays behind).
     shape: static (K, N).
     block_shape: static (bk, bn).
   Every array carries a leading member axis `[M, ...]` when built by `from_masks`.
   """
 
   dense: jax.Array
-  col_block_rows: jax.Array
-  col_block_slots: jax.Array
-  col_block_counts: jax.Array
-  row_block_cols: jax.Array
-  row_block_slots: jax.Array
-  row_block_counts: jax.Array
-  block_slots: jax.Array
-  block_masks: jax.Array
+  blocks: BlockMetadata
   shape: tuple[int, int]
   block_shape: tuple[int, int]
 
@@ -207,41 +217,16 @@ class BlockSparseMask:
     # At least one entry per list keeps every grid non-empty.
     max_col, max_row, num_slots = (max(1, int(s)) for s in sizes.max(0))
     per_member = [_host_metadata(m, block_shape, max_col, max_row, num_slots) for m in masks]
-    arrays = {k: jnp.asarray(np.stack([p[k] for p in per_member])) for k in per_member[0]}
-    return cls(dense=jnp.asarray(masks, jnp.float32), shape=shape, block_shape=block_shape,
-               **arrays)
+    blocks = BlockMetadata(**{k: jnp.asarray(np.stack([p[k] for p in per_member]))
+                              for k in BlockMetadata._fields})
+    return cls(dense=jnp.asarray(masks, jnp.float32), blocks=blocks, shape=shape,
+               block_shape=block_shape)
 
 
 jax.tree_util.register_dataclass(
-    BlockSparseMask,
-    data_fields=["dense", "col_block_rows", "col_block_slots", "col_block_counts",
-                 "row_block_cols", "row_block_slots", "row_block_counts", "block_slots",
-                 "block_masks"],
-    meta_fields=["shape", "block_shape"],
-)
-
-
-class KernelMetadata(NamedTuple):
-  """What the kernels read of a BlockSparseMask: its arrays without `dense`.
-
-  Each field as in BlockSparseMask, with the same leading axes.
-  """
-
-  col_block_rows: jax.Array
-  col_block_slots: jax.Array
-  col_block_counts: jax.Array
-  row_block_cols: jax.Array
-  row_block_slots: jax.Array
-  row_block_counts: jax.Array
-  block_slots: jax.Array
-  block_masks: jax.Array
-
-
-def kernel_metadata(mask: BlockSparseMask) -> KernelMetadata:
-  """The kernel-facing arrays of `mask` (the dense 0/1 array stays behind)."""
-  return KernelMetadata(*(getattr(mask, f) for f in KernelMetadata._fields))
+    BlockSparseMask, data_fields=["dense", "blocks"], meta_fields=["shape", "block_shape"])
 
 
 def block_density(mask: BlockSparseMask) -> float:
   """Fraction of blocks that hold a non-zero (host-side; needs concrete arrays)."""
-  return float(np.mean(np.asarray(mask.block_slots) >= 0))
+  return float(np.mean(np.asarray(mask.blocks.block_slots) >= 0))

@@ -28,12 +28,7 @@ import jax.numpy as jnp
 from kernels_pallas import implementations
 from kernels_pallas.block_sparse import grouped
 from kernels_pallas.block_sparse.layout import stacked_layout
-from kernels_pallas.block_sparse.metadata import (
-    BlockSparseMask,
-    KernelMetadata,
-    kernel_metadata,
-    padded,
-)
+from kernels_pallas.block_sparse.metadata import BlockMetadata, BlockSparseMask, padded
 from kernels_pallas.block_sparse.reference import masked_matmul_reference
 
 DEFAULT_BLOCK_M = grouped.DEFAULT_BLOCK_M
@@ -46,7 +41,7 @@ class _Geometry(NamedTuple):
   np_: int
 
 
-def _geometry(cfg: grouped.KernelConfig, rows: int, k: int, n: int, meta: KernelMetadata,
+def _geometry(cfg: grouped.KernelConfig, rows: int, k: int, n: int, meta: BlockMetadata,
               dtype) -> _Geometry:
   bm = grouped.row_tile(cfg, rows, meta, k, n, dtype)
   return _Geometry(bm, padded(rows, bm), *grouped.padded_dims(meta, k, n))
@@ -59,7 +54,7 @@ def _rows(a: jax.Array, bp: int, width: int) -> jax.Array:
 
 
 def _stacked_forward(cfg: grouped.KernelConfig, x: jax.Array, w: jax.Array,
-                     meta: KernelMetadata) -> jax.Array:
+                     meta: BlockMetadata) -> jax.Array:
   """[G, B, K] x [G, K, N] -> [G, B, N] through the forward kernel."""
   g, b, k = x.shape
   n = w.shape[-1]
@@ -70,7 +65,7 @@ def _stacked_forward(cfg: grouped.KernelConfig, x: jax.Array, w: jax.Array,
 
 
 def _stacked_input_grad(cfg: grouped.KernelConfig, dy: jax.Array, w: jax.Array,
-                        meta: KernelMetadata) -> jax.Array:
+                        meta: BlockMetadata) -> jax.Array:
   """[G, B, N] x [G, K, N] -> [G, B, K]: dy @ (w * mask).T per group."""
   g, b, n = dy.shape
   k = w.shape[1]
@@ -82,7 +77,7 @@ def _stacked_input_grad(cfg: grouped.KernelConfig, dy: jax.Array, w: jax.Array,
 
 
 def _stacked_weight_grad(cfg: grouped.KernelConfig, x: jax.Array, dy: jax.Array,
-                         meta: KernelMetadata) -> jax.Array:
+                         meta: BlockMetadata) -> jax.Array:
   """[G, B, K] x [G, B, N] -> [G, K, N]: (x.T @ dy) * mask per group."""
   g, b, k = x.shape
   n = dy.shape[-1]
@@ -158,7 +153,7 @@ _stacked_matmul.defvjp(_stacked_matmul_fwd, _stacked_matmul_bwd)
 
 
 def stacked_matmul(cfg: grouped.KernelConfig, x: Annotated[jax.Array, "g b k"],
-                   w: Annotated[jax.Array, "g k n"], meta: KernelMetadata
+                   w: Annotated[jax.Array, "g k n"], meta: BlockMetadata
                    ) -> Annotated[jax.Array, "g b n"]:
   """`x[g] @ (w[g] * mask[g])` for every group g in one launch of `cfg`'s kernel.
 
@@ -169,7 +164,7 @@ def stacked_matmul(cfg: grouped.KernelConfig, x: Annotated[jax.Array, "g b k"],
     cfg: the kernel (`grouped.kernel_config`, or a KernelConfig made by hand).
     x: [G, B, K] activations, same dtype as w.
     w: [G, K, N] weights.
-    meta: `kernel_metadata` of a BlockSparseMask, leaves with a leading [G].
+    meta: a BlockSparseMask's `blocks`, leaves with a leading [G].
 
   Returns:
     [G, B, N] in x's dtype (f32 accumulation).
@@ -220,6 +215,6 @@ def block_sparse_matmul(
   dtype = jnp.result_type(x, w)
   lead = x.shape[:-1]
   x3 = x.astype(dtype).reshape(1, -1, k)
-  meta = jax.tree.map(lambda a: a[None], kernel_metadata(mask))
+  meta = jax.tree.map(lambda a: a[None], mask.blocks)
   y = stacked_matmul(cfg, x3, w.astype(dtype)[None], meta)
   return y.reshape(lead + (n,))

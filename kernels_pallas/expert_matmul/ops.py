@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from kernels_pallas import implementations
 from kernels_pallas.block_sparse import grouped
 from kernels_pallas.block_sparse.layout import RowLayout, max_routed_tiles, routed_layout
-from kernels_pallas.block_sparse.metadata import BlockSparseMask, KernelMetadata, kernel_metadata
+from kernels_pallas.block_sparse.metadata import BlockMetadata, BlockSparseMask
 
 
 def _routed_xla(x, expert_ids, w, dense_masks):
@@ -40,7 +40,7 @@ def _scatter_rows(a: jax.Array, row: jax.Array, num_rows: int, width: int) -> ja
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _routed_matmul(cfg: grouped.KernelConfig, bm: int, x, w, meta: KernelMetadata,
+def _routed_matmul(cfg: grouped.KernelConfig, bm: int, x, w, meta: BlockMetadata,
                    layout: RowLayout, row):
   return _routed_matmul_fwd(cfg, bm, x, w, meta, layout, row)[0]
 
@@ -112,7 +112,7 @@ def expert_matmul(
   if implementations.resolve_implementation(implementation) == "xla":
     return _routed_xla(x, expert_ids, w, expert_masks.dense)
   cfg = grouped.kernel_config(backend, block_m)
-  meta = kernel_metadata(expert_masks)
+  meta = expert_masks.blocks
   bm = grouped.row_tile(cfg, x.shape[0], meta, k, n, dtype)
   layout, row = routed_layout(expert_ids, e, bm, max_routed_tiles(x.shape[0], e, bm))
   return _routed_matmul(cfg, bm, x, w, meta, layout, row)
