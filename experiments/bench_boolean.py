@@ -40,9 +40,11 @@ def _best_time(fn, repeats):
 def main(argv):
   del argv
   optimizer = train.make_optimizer("adam", 1e-3)
-  chunk = train.make_train_chunk(nn.apply_mlp, train.sigmoid_bce, optimizer,
-                                 batch_size=FLAGS.batch_size, steps=FLAGS.steps)
-  states = [train.init_state(p, nn.full_masks(p), optimizer)
+  loss_fn = train.supervised_loss(nn.apply_mlp, train.sigmoid_bce)
+  new_chunk = lambda: train.make_train_chunk(loss_fn, optimizer, batch_size=FLAGS.batch_size,
+                                             steps=FLAGS.steps)
+  chunk = new_chunk()
+  states = [train.init_state(p, optimizer, nn.full_masks(p))
             for p in (nn.init_mlp(jax.random.key(s), [FLAGS.d, FLAGS.neurons, 1])
                       for s in range(FLAGS.seeds))]
   xs = [jax.random.bernoulli(jax.random.key(100 + s), 0.5, (4096, FLAGS.d)).astype(jnp.float32)
@@ -55,14 +57,12 @@ def main(argv):
   def separate_runs():
     out = []
     for s in range(FLAGS.seeds):
-      fresh = train.make_train_chunk(nn.apply_mlp, train.sigmoid_bce, optimizer,
-                                     batch_size=FLAGS.batch_size, steps=FLAGS.steps)
+      fresh = new_chunk()
       out.append(jax.block_until_ready(jax.jit(fresh)(states[s], xs[s], ys[s], keys[s])))
     return out
 
   def vmapped_end_to_end():
-    fresh = train.make_train_chunk(nn.apply_mlp, train.sigmoid_bce, optimizer,
-                                   batch_size=FLAGS.batch_size, steps=FLAGS.steps)
+    fresh = new_chunk()
     return jax.jit(jax.vmap(fresh))(*batched_args)
 
   one = jax.jit(chunk)

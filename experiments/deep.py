@@ -11,17 +11,16 @@ Tasks:
   [7*7*2*channels, width, 10] whose hidden layer FPE expands; the backbone trains on in
   every arm and counts in the non-zeros.
 Arms (dense, FPE random / feature / overlap, DropConnect, larger dense models) and the
-summaries are described in experiments/fpe_arms.py. Pixels are scaled to [0, 1] and
+summaries are described in experiments/fpe_sweep.py. Pixels are scaled to [0, 1] and
 standardised with the training set's mean and std (fashion_mnist.PIXEL_MEAN / PIXEL_STD).
 """
 
-import time
+import dataclasses
 
-import jax
 import numpy as np
 from absl import flags
 
-from experiments import common, fpe_arms
+from experiments import common, fpe_sweep
 from fpe_jax.data import fashion_mnist
 from fpe_jax.models import cnn
 
@@ -34,7 +33,7 @@ flags.DEFINE_integer("cnn_channels", 8, "Channels of the cnn task's first conv."
 flags.DEFINE_integer("train_size", 0, "Use the first N training images (0: all 60,000).")
 flags.DEFINE_string("data_dir", "", "Folder of the Fashion-MNIST idx files (default: "
                     "Debian's /usr/share/datasets/fashion-mnist).")
-fpe_arms.define_sweep_flags(__name__)
+fpe_sweep.define_sweep_flags(__name__)
 
 common.flag_validator("tasks", lambda v: bool(v) and set(v) <= set(TASKS),
                       f"a comma list of tasks among {', '.join(TASKS)}")
@@ -43,13 +42,41 @@ common.flag_validator("cnn_channels", lambda v: v >= 1, "must be >= 1")
 common.flag_validator("train_size", lambda v: 0 <= v <= 60000, "must be in [0, 60000]")
 
 
-def mlp_spec(depth: int) -> fpe_arms.ModelSpec:
-  return fpe_arms.ModelSpec(
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The deep binary's flags, read once (`config_from_flags`).
+
+  Attributes:
+    tasks: among TASKS.
+    depth: hidden layers of the mlp task.
+    cnn_channels: channels of the cnn task's first conv.
+    train_size: training images used (0: all).
+    data_dir: the Fashion-MNIST folder ("": the default).
+    sweep: the sweep.
+  """
+  tasks: tuple[str, ...]
+  depth: int
+  cnn_channels: int
+  train_size: int
+  data_dir: str
+  sweep: fpe_sweep.SweepConfig
+
+
+def config_from_flags() -> Config:
+  """The config of the parsed flags; raises `common.UsageError` on a bad combination."""
+  f = FLAGS
+  return Config(tasks=tuple(t for t in TASKS if t in f.tasks), depth=f.depth,
+                cnn_channels=f.cnn_channels, train_size=f.train_size, data_dir=f.data_dir,
+                sweep=fpe_sweep.real_data_sweep_config(f))
+
+
+def mlp_spec(depth: int) -> fpe_sweep.ModelSpec:
+  return fpe_sweep.ModelSpec(
       head_sizes=lambda h: [28 * 28] + [h] * depth + [fashion_mnist.NUM_CLASSES],
       expand_layers=tuple(range(depth)))
 
 
-def cnn_spec(channels: int) -> fpe_arms.ModelSpec:
+def cnn_spec(channels: int) -> fpe_sweep.ModelSpec:
   """The conv backbone of cnn.py's small CNN (its own dense layers replaced by the head)."""
   # The images are standardised outside (see load_tasks), so the model does not normalise.
   config = cnn.CNNConfig(architecture="small", width=channels, input_mean=0.0, input_std=1.0)
@@ -63,34 +90,35 @@ def cnn_spec(channels: int) -> fpe_arms.ModelSpec:
     h = cnn.activation_fn(cnn.conv2d(h, params["conv2"]["w"], params["conv2"]["b"], 2), config)
     return h.reshape(h.shape[0], -1)
 
-  return fpe_arms.ModelSpec(
+  return fpe_sweep.ModelSpec(
       head_sizes=lambda h: [7 * 7 * 2 * channels, h, fashion_mnist.NUM_CLASSES],
       expand_layers=(0,), init_backbone=init_backbone, backbone=backbone)
 
 
-def load_tasks() -> dict:
+def load_tasks(cfg: Config) -> dict:
+  """{task: (ModelSpec, TaskData, info)}; raises UsageError on missing data."""
   try:
-    x_train, y_train = fashion_mnist.load_fashion_mnist("train", FLAGS.data_dir or None)
-    x_test, y_test = fashion_mnist.load_fashion_mnist("test", FLAGS.data_dir or None)
+    x_train, y_train = fashion_mnist.load_fashion_mnist("train", cfg.data_dir or None)
+    x_test, y_test = fashion_mnist.load_fashion_mnist("test", cfg.data_dir or None)
   except FileNotFoundError as e:
     raise common.UsageError(f"--data_dir: {e}") from e
-  if FLAGS.train_size:
-    x_train, y_train = x_train[:FLAGS.train_size], y_train[:FLAGS.train_size]
+  if cfg.train_size:
+    x_train, y_train = x_train[:cfg.train_size], y_train[:cfg.train_size]
   standardise = lambda x: (x - fashion_mnist.PIXEL_MEAN) / fashion_mnist.PIXEL_STD
   x_train, x_test = standardise(x_train), standardise(x_test)
   tasks = {}
-  for name in FLAGS.tasks:
+  for name in cfg.tasks:
     if name == "mlp":
-      spec = mlp_spec(FLAGS.depth)
-      data = fpe_arms.TaskData(x_train.reshape(len(x_train), -1), y_train,
+      spec = mlp_spec(cfg.depth)
+      data = fpe_sweep.TaskData(x_train.reshape(len(x_train), -1), y_train,
                                x_test.reshape(len(x_test), -1), y_test,
                                fashion_mnist.NUM_CLASSES)
-      info = {"model": f"MLP [784, width x {FLAGS.depth}, 10], every hidden layer expanded"}
+      info = {"model": f"MLP [784, width x {cfg.depth}, 10], every hidden layer expanded"}
     else:
-      spec = cnn_spec(FLAGS.cnn_channels)
-      data = fpe_arms.TaskData(x_train, y_train, x_test, y_test, fashion_mnist.NUM_CLASSES)
-      info = {"model": f"conv3x3/2 ({FLAGS.cnn_channels} ch) -> conv3x3/2 "
-                       f"({2 * FLAGS.cnn_channels} ch) -> MLP head [width] (expanded) -> 10"}
+      spec = cnn_spec(cfg.cnn_channels)
+      data = fpe_sweep.TaskData(x_train, y_train, x_test, y_test, fashion_mnist.NUM_CLASSES)
+      info = {"model": f"conv3x3/2 ({cfg.cnn_channels} ch) -> conv3x3/2 "
+                       f"({2 * cfg.cnn_channels} ch) -> MLP head [width] (expanded) -> 10"}
     info.update({"num_classes": fashion_mnist.NUM_CLASSES, "train": int(len(data.y_train)),
                  "test": int(len(data.y_test)),
                  "majority_test_accuracy": float(np.bincount(y_test).max() / len(y_test))})
@@ -102,12 +130,8 @@ def main(argv):
   if len(argv) > 1:
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   common.maybe_initialize_distributed()
-  settings = fpe_arms.settings_from_flags()
-  t0 = time.perf_counter()
-  tasks = load_tasks()
-  print(f"data ready in {time.perf_counter() - t0:.0f} s ({len(jax.devices())} devices)",
-        flush=True)
-  fpe_arms.run_all("deep", __name__, tasks, settings)
+  cfg = config_from_flags()
+  fpe_sweep.run_all("deep", __name__, cfg, lambda: load_tasks(cfg))
 
 
 if __name__ == "__main__":

@@ -9,16 +9,16 @@ Tasks (fpe_jax/data/rotten_tomatoes.py): "sentiment" (fresh vs rotten, 2 classes
 "movie" (which of 338 movies a snippet reviews: the high-load case). The head is an MLP
 [384, width, classes] whose hidden layer FPE expands; every arm (dense, FPE random /
 feature / overlap, DropConnect, larger dense models) is described in
-experiments/fpe_arms.py. results.json holds accuracy, capacity and |cos| per run and
+experiments/fpe_sweep.py. results.json holds accuracy, capacity and |cos| per run and
 their mean ± std over seeds, the gain over dense and the equivalent dense size.
 """
 
-import time
+import dataclasses
 
 import numpy as np
 from absl import flags
 
-from experiments import common, embedding_cache, fpe_arms
+from experiments import common, embedding_cache, fpe_sweep
 from fpe_jax.data import minilm, rotten_tomatoes
 
 FLAGS = flags.FLAGS
@@ -40,7 +40,7 @@ flags.DEFINE_bool("standardize", True, "z-score each embedding dimension with th
 # holds most of the expanded weights and its He-initialised entries are ~5x larger than
 # the incoming ones (fan-in width vs 384), so one global magnitude threshold prunes the
 # incoming layer away entirely at alpha 4 (every child unconnected, chance accuracy).
-fpe_arms.define_sweep_flags(__name__, budget="per_layer")
+fpe_sweep.define_sweep_flags(__name__, budget="per_layer")
 
 common.flag_validator("tasks", lambda v: bool(v) and set(v) <= set(rotten_tomatoes.TASKS),
                       f"a comma list of tasks among {', '.join(rotten_tomatoes.TASKS)}")
@@ -50,41 +50,76 @@ common.flag_validator("max_rows", lambda v: v >= 0, "must be >= 0 (0: all rows)"
 common.flag_validator("embed_batch", lambda v: v >= 1, "must be >= 1")
 
 
-def head_spec(d_in: int, num_classes: int, depth: int) -> fpe_arms.ModelSpec:
-  return fpe_arms.ModelSpec(head_sizes=lambda h: [d_in] + [h] * depth + [num_classes],
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The embeddings binary's flags, read once (`config_from_flags`).
+
+  Attributes:
+    tasks: among rotten_tomatoes.TASKS.
+    depth: hidden layers of the head.
+    test_fraction: share of each class held out for test.
+    data_seed: seed of the stratified split.
+    max_rows: review rows used (0: all).
+    cache_dir: the embedding cache ("": the default).
+    embed_batch: sentences per MiniLM call.
+    standardize: z-score the embeddings with the training set's statistics.
+    sweep: the sweep.
+  """
+  tasks: tuple[str, ...]
+  depth: int
+  test_fraction: float
+  data_seed: int
+  max_rows: int
+  cache_dir: str
+  embed_batch: int
+  standardize: bool
+  sweep: fpe_sweep.SweepConfig
+
+
+def config_from_flags() -> Config:
+  """The config of the parsed flags; raises `common.UsageError` on a bad combination."""
+  f = FLAGS
+  return Config(tasks=tuple(t for t in rotten_tomatoes.TASKS if t in f.tasks), depth=f.depth,
+                test_fraction=f.test_fraction, data_seed=f.data_seed, max_rows=f.max_rows,
+                cache_dir=f.cache_dir, embed_batch=f.embed_batch, standardize=f.standardize,
+                sweep=fpe_sweep.real_data_sweep_config(f))
+
+
+def head_spec(d_in: int, num_classes: int, depth: int) -> fpe_sweep.ModelSpec:
+  return fpe_sweep.ModelSpec(head_sizes=lambda h: [d_in] + [h] * depth + [num_classes],
                             expand_layers=tuple(range(depth)))
 
 
-def load_tasks() -> dict:
+def load_tasks(cfg: Config) -> dict:
   """Reviews, embeddings (cached) and the task splits; raises UsageError on missing data."""
   try:
     reviews = rotten_tomatoes.load_reviews()
     model = minilm.load_minilm()
   except FileNotFoundError as e:
     raise common.UsageError(f"--tasks: {e}") from e
-  if FLAGS.max_rows:
-    reviews = rotten_tomatoes.Reviews(texts=reviews.texts[:FLAGS.max_rows],
-                                      fresh=reviews.fresh[:FLAGS.max_rows],
-                                      movies=reviews.movies[:FLAGS.max_rows])
+  if cfg.max_rows:
+    reviews = rotten_tomatoes.Reviews(texts=reviews.texts[:cfg.max_rows],
+                                      fresh=reviews.fresh[:cfg.max_rows],
+                                      movies=reviews.movies[:cfg.max_rows])
   tasks = {}
-  for name in FLAGS.tasks:
-    task = rotten_tomatoes.make_task(reviews, name, test_fraction=FLAGS.test_fraction,
-                                     seed=FLAGS.data_seed)
+  for name in cfg.tasks:
+    task = rotten_tomatoes.make_task(reviews, name, test_fraction=cfg.test_fraction,
+                                     seed=cfg.data_seed)
     common.validate("max_rows", task.num_classes >= 2,
-                    f"{FLAGS.max_rows} rows leave task {name!r} fewer than 2 classes")
+                    f"{cfg.max_rows} rows leave task {name!r} fewer than 2 classes")
     tasks[name] = task
   # All tasks are rows of the same snippets: one embedding pass (and cache entry) for all.
   emb = embedding_cache.cached_embeddings(reviews.texts, model=model,
-                                          cache_dir=FLAGS.cache_dir or None,
-                                          batch_size=FLAGS.embed_batch,
+                                          cache_dir=cfg.cache_dir or None,
+                                          batch_size=cfg.embed_batch,
                                           log=lambda line: print(line, flush=True))
   out = {}
   for name, task in tasks.items():
     x = emb[task.rows]
-    if FLAGS.standardize:
+    if cfg.standardize:
       mean, std = x[task.train].mean(0), x[task.train].std(0)
       x = (x - mean) / np.maximum(std, 1e-6)
-    data = fpe_arms.TaskData(x_train=x[task.train], y_train=task.labels[task.train],
+    data = fpe_sweep.TaskData(x_train=x[task.train], y_train=task.labels[task.train],
                              x_test=x[task.test], y_test=task.labels[task.test],
                              num_classes=task.num_classes)
     info = {"num_classes": task.num_classes, "train": int(len(task.train)),
@@ -92,7 +127,7 @@ def load_tasks() -> dict:
             "majority_test_accuracy": float(np.bincount(data.y_test).max() / len(data.y_test)),
             "features": "MiniLM-L6 mean-pooled sentence embeddings (text, not CLIP images)",
             "model_hash": model.model_hash}
-    out[name] = (head_spec(emb.shape[1], task.num_classes, FLAGS.depth), data, info)
+    out[name] = (head_spec(emb.shape[1], task.num_classes, cfg.depth), data, info)
   return out
 
 
@@ -100,11 +135,8 @@ def main(argv):
   if len(argv) > 1:
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   common.maybe_initialize_distributed()
-  settings = fpe_arms.settings_from_flags()
-  t0 = time.perf_counter()
-  tasks = load_tasks()
-  print(f"data ready in {time.perf_counter() - t0:.0f} s", flush=True)
-  fpe_arms.run_all("embeddings", __name__, tasks, settings)
+  cfg = config_from_flags()
+  fpe_sweep.run_all("embeddings", __name__, cfg, lambda: load_tasks(cfg))
 
 
 if __name__ == "__main__":

@@ -81,61 +81,54 @@ def test_missing_data_package(tmp_path):
   assert not (tmp_path / "runs").exists()
 
 
-# ------------------------------------------------- the shared arms module, in process
+# ------------------------------------------------ the shared sweep module, in process
 
 
 def test_equivalent_dense_size():
-  from experiments import fpe_arms  # pylint: disable=import-outside-toplevel
+  from experiments import fpe_sweep  # pylint: disable=import-outside-toplevel
 
   family = [(100, 0.50), (120, 0.60), (200, 0.70)]
-  size = fpe_arms.equivalent_dense_size(0.55, family, 100)
+  size = fpe_sweep.equivalent_dense_size(0.55, family, 100)
   assert size["bound"] == "=" and abs(size["ratio"] - 1.2 ** 0.5) < 1e-9
-  size = fpe_arms.equivalent_dense_size(0.65, family, 100)
+  size = fpe_sweep.equivalent_dense_size(0.65, family, 100)
   assert abs(size["ratio"] - 1.2 * (200 / 120) ** 0.5) < 1e-9
-  assert fpe_arms.equivalent_dense_size(0.40, family, 100) == {"ratio": 1.0, "bound": "<="}
-  assert fpe_arms.equivalent_dense_size(0.90, family, 100) == {"ratio": 2.0, "bound": ">="}
+  assert fpe_sweep.equivalent_dense_size(0.40, family, 100) == {"ratio": 1.0, "bound": "<="}
+  assert fpe_sweep.equivalent_dense_size(0.90, family, 100) == {"ratio": 2.0, "bound": ">="}
   # A noisy family: 1.2x does worse than 1x, so it is left out of the envelope.
   noisy = [(100, 0.50), (120, 0.45), (200, 0.70)]
-  size = fpe_arms.equivalent_dense_size(0.60, noisy, 100)
+  size = fpe_sweep.equivalent_dense_size(0.60, noisy, 100)
   assert abs(size["ratio"] - 2 ** 0.5) < 1e-9
 
 
 def test_dense_sizes():
-  from experiments import fpe_arms  # pylint: disable=import-outside-toplevel
+  from experiments import fpe_sweep  # pylint: disable=import-outside-toplevel
 
-  spec = fpe_arms.ModelSpec(head_sizes=lambda h: [384, h, 338], expand_layers=(0,))
+  spec = fpe_sweep.ModelSpec(head_sizes=lambda h: [384, h, 338], expand_layers=(0,))
   count = lambda h: 384 * h + h + h * 338 + 338
-  assert fpe_arms.dense_param_count(spec, 8) == count(8)
-  wide = fpe_arms.width_for_ratio(spec, 8, 2.0)
+  assert fpe_sweep.dense_param_count(spec, 8) == count(8)
+  wide = fpe_sweep.width_for_ratio(spec, 8, 2.0)
   assert abs(count(wide) - 2 * count(8)) <= abs(count(wide + 1) - 2 * count(8))
   assert abs(count(wide) - 2 * count(8)) <= abs(count(wide - 1) - 2 * count(8))
 
 
-def test_dropconnect_chunk():
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
+def test_summaries_pair_gains_by_seed():
+  from experiments import fpe_sweep  # pylint: disable=import-outside-toplevel
 
-  from experiments import fpe_arms  # pylint: disable=import-outside-toplevel
-  from fpe_jax import nn, train  # pylint: disable=import-outside-toplevel
+  def record(arm, seed, accuracy, alpha=1, nonzero=100):
+    return {"task": "t", "width": 4, "arm": arm, "alpha": alpha, "seed": seed,
+            "head_width": 4, "nonzero": nonzero, "accuracy": accuracy, "capacity": 0.5,
+            "abs_cosine": 0.2, "unconnected_neurons": 0}
 
-  spec = fpe_arms.ModelSpec(head_sizes=lambda h: [6, h, 3], expand_layers=(0,))
-  apply = fpe_arms.make_apply(spec)
-  opt = train.make_optimizer("adam", 1e-2)
-  params, masks = fpe_arms.init_model(spec, jax.random.key(0), 4)
-  masks["dense_0"]["w"] = masks["dense_0"]["w"].at[0, :].set(0.0)  # a sparse model
-  state = train.init_state(params, masks, opt)
-  x = jax.random.normal(jax.random.key(1), (64, 6))
-  y = jnp.arange(64) % 3
-  key = jax.random.key(2)
-  plain = train.make_train_chunk(apply, train.softmax_ce, opt, batch_size=8, steps=5)
-  drop = fpe_arms.make_dropconnect_chunk(apply, train.softmax_ce, opt, batch_size=8, steps=5,
-                                         layers=["dense_0"])
-  want, _ = jax.jit(plain)(state, x, y, key)
-  got, _ = jax.jit(drop)(state, x, y, key, 1.0)  # keep everything: plain training
-  for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(got.params), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  dropped, _ = jax.jit(drop)(state, x, y, key, 0.5)
-  assert nn.count_nonzero(dropped.params, dropped.masks) == nn.count_nonzero(params, masks)
-  np.testing.assert_array_equal(dropped.params["dense_0"]["w"][0], 0.0)  # off-mask stays 0
-  assert not np.allclose(dropped.params["dense_0"]["w"], want.params["dense_0"]["w"])
+  records = [record("random", 1, 0.95, alpha=2), record("dense", 0, 0.5),
+             record("random", 0, 0.85, alpha=2), record("dense", 1, 0.6),
+             record("dense_x2", 0, 0.8, nonzero=200), record("dense_x2", 1, 0.8, nonzero=200)]
+  points = fpe_sweep.summarize(records, **fpe_sweep.REAL_DATA_POINT)
+  assert [(p["arm"], p["alpha"]) for p in points] == [("dense", 1), ("dense_x2", 1),
+                                                      ("random", 2)]
+  random = points[-1]
+  assert random["seeds"] == [0, 1] and random["accuracy"]["per_seed"] == [0.85, 0.95]
+  # Gains are per seed against the same seed's dense run, then averaged.
+  assert random["accuracy_gain"]["per_seed"] == pytest.approx([0.35, 0.35])
+  assert random["capacity_fold"]["mean"] == 1.0
+  assert "accuracy_gain" not in points[0]
+  assert random["equivalent_dense_size"] == {"ratio": 2.0, "bound": ">="}

@@ -2,7 +2,9 @@
 
 The paper flagfiles are too long to run in CI; this at least keeps them in step with the
 binaries (a renamed or re-validated flag fails here, not hours into an accelerator run).
-One subprocess per binary: absl's flags are process-global.
+A binary with a `config_from_flags()` (flags -> frozen config, with the checks across
+flags; no data, no files) has it run on each flagfile too. One subprocess per binary:
+absl's flags are process-global.
 """
 
 import collections
@@ -36,10 +38,12 @@ def _flagfiles_by_binary() -> dict[str, list[str]]:
 PARSE = """
 import importlib, sys
 from absl import flags
-importlib.import_module("experiments." + sys.argv[1])
+binary = importlib.import_module("experiments." + sys.argv[1])
 for path in sys.argv[2:]:
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["binary", "--flagfile=" + path])
+  if hasattr(binary, "config_from_flags"):
+    binary.config_from_flags()
 """
 
 

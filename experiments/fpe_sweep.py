@@ -1,0 +1,867 @@
+"""The one FPE sweep: warm-up, dense, expand, vmapped training, evaluation, summaries.
+
+Run by `experiments.boolean` (MLPs on Boolean DNF tasks), `experiments.embeddings` (MLP
+heads on frozen MiniLM embeddings) and `experiments.deep` (a deep MLP and a CNN on
+Fashion-MNIST). Not a binary: a binary defines its task (`Task`: model, data, runs) and
+its flags (`define_sweep_flags` / `define_training_flags`), turns them into a
+`SweepConfig` and reports its own claims; everything between is here.
+
+A model is a two-level params dict: an MLP head `dense_0 .. dense_L` (`fpe_jax.nn`
+layout) plus, for the CNN, trainable backbone entries (`conv1`, `conv2`); its mask tree
+mirrors it (backbone masks all ones). `fpe.expand` sees the head only.
+
+Arms, for each base width h (every arm has exactly the non-zero count of dense width h,
+except the larger dense models that measure the "equivalent dense size"):
+- dense: width h, --warmup_steps then --steps more (the optimiser state carries on).
+- FPE splits (random / clause / feature / overlap), for each alpha: the warmed-up dense
+  model expanded (`fpe.expand` over `ModelSpec.expand_layers` under one budget), then
+  --steps with a fresh optimiser. The minibatch sequence continues from the warm-up, so
+  every arm of a run sees the same minibatches as the dense baseline.
+- dropconnect, for each alpha: the warmed-up dense model trained --steps more with a
+  fresh Bernoulli mask each step on the expanded layers' incoming weights, each weight
+  kept with probability 1/alpha (the share of a parent's inputs one FPE child keeps) and
+  scaled by alpha (inverted DropConnect, `train.dropconnect_loss`); all weights at test
+  time. This is our reading of the paper's "DropConnect at the same budget": the very
+  same non-zero parameters as dense, regularised by random sparsity instead of FPE's
+  fixed split (the optimiser state carries on from the warm-up, as for dense).
+- dense x r for r in --dense_ratios: the dense model whose head width gives the non-zero
+  count nearest r times dense width h's, trained from scratch for warm-up + steps.
+All runs of a task (seeds; for Boolean every clause count x seed) that train the same
+phase are stacked on a leading run axis and trained by one jitted, vmapped
+`train.make_train_chunk` program, through the checkpointed `common.train_phase`.
+
+PRNG streams, by name (every key derives from --seed with `fold_in`):
+- run key: `Run.key`, set by the binary: `fold_in(key(seed), s)` for seed s on real data,
+  `fold_in(fold_in(key(seed), s), clauses)` for Boolean, whose run key also draws the
+  formula (`fold_in(run, 0)`), the training set (1) and the test set (2);
+- init: `fold_in(fold_in(run, 3), w)` for a model of head width w (the dense x r models
+  too, at their own width); real-data models split it into (head, backbone) keys
+  (`ModelSpec.split_init_key`), Boolean's MLP uses it as is;
+- training: `fold_in(run, 4)`, the same for every phase and arm of the run: minibatch t
+  is `train.step_key(training, t)`, DropConnect draws from `fold_in(step_key, 1)`;
+- split: `fold_in(run, 5)` for `fpe.expand` (which folds in each expanded layer's rank).
+
+Equivalent dense size of an arm: where its mean accuracy falls on the dense family of
+its width (1x, then each ratio), by linear interpolation in log(non-zeros) between the
+family's envelope points (each more accurate than every smaller model); at or below the
+first or above the best it is reported as a bound ("<=" / ">=").
+"""
+
+import dataclasses
+import functools
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from experiments import common
+from fpe_jax import fpe, metrics, nn, sharding, train
+
+REAL_DATA_SPLITS = ("random", "feature", "overlap")
+ARMS = ("dense",) + REAL_DATA_SPLITS + ("dropconnect",)  # the real-data binaries' arms
+MATMULS = ("xla", "pallas")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """The sweep's grid and training recipe (a binary's flags, read once).
+
+  Attributes:
+    widths: base widths h (neurons per expanded hidden layer before expansion).
+    alphas: expansion factors (children per neuron), each >= 2.
+    arms: "dense", FPE splits (`fpe.SPLITS`), "dropconnect", in that order.
+    dense_ratios: larger dense models, as multiples (> 1) of dense width h's non-zeros.
+    seeds: runs per sweep point.
+    seed: the base seed.
+    warmup_steps: dense steps before the expansion.
+    steps: steps after it (every arm).
+    chunk_steps: steps per jitted call: the log and checkpoint period.
+    batch_size: examples per step.
+    optimizer: one of `train.OPTIMIZERS`.
+    learning_rate: the initial learning rate.
+    weight_decay: L2 (adam, sgd) or decoupled (adamw) weight decay; 0: none.
+    schedule: one of `train.SCHEDULES`, of each phase's optimiser step count (a fresh
+      optimiser after the expansion starts it again); cosine decays over warm-up + steps.
+    schedule_boundaries: the "step" schedule's boundaries.
+    schedule_decay: the "step" schedule's factor.
+    bias: child biases (`fpe.BIAS_MODES`).
+    budget: budget-restoring prune (`fpe.BUDGET_MODES`).
+    matmul: the FPE arms' masked matmuls: "xla" (w * mask) or "pallas" (block-sparse
+      kernel masks, `pallas_loss`).
+    eval_batch: test examples per evaluation call.
+  """
+  widths: tuple[int, ...]
+  alphas: tuple[int, ...]
+  arms: tuple[str, ...]
+  dense_ratios: tuple[float, ...]
+  seeds: int
+  seed: int
+  warmup_steps: int
+  steps: int
+  chunk_steps: int
+  batch_size: int
+  optimizer: str
+  learning_rate: float
+  weight_decay: float
+  schedule: str
+  schedule_boundaries: tuple[int, ...]
+  schedule_decay: float
+  bias: str
+  budget: str
+  matmul: str = "xla"
+  eval_batch: int = 2048
+
+  @property
+  def fpe_splits(self) -> tuple[str, ...]:
+    return tuple(a for a in self.arms if a in fpe.SPLITS)
+
+
+def make_optimizer(cfg: SweepConfig):
+  """The sweep's optax optimiser (at the defaults: plain `optax.<optimizer>(lr)`)."""
+  learning_rate = train.make_schedule(
+      cfg.schedule, cfg.learning_rate, total_steps=cfg.warmup_steps + cfg.steps,
+      boundaries=cfg.schedule_boundaries, decay_factor=cfg.schedule_decay)
+  return train.make_optimizer(cfg.optimizer, learning_rate, weight_decay=cfg.weight_decay)
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelSpec(NamedTuple):
+  """What a task's model is.
+
+  Attributes:
+    head_sizes: width -> the head's layer sizes `[d_in, h, ..., h, num_outputs]`.
+    expand_layers: hidden layers of the head that FPE expands (one global budget); the
+      first one's metrics are the headline ones.
+    init_backbone: key -> backbone params `{name: {"w", "b"}}` (None: no backbone).
+    backbone: (backbone params, x [n, ...]) -> features [n, head d_in].
+    split_init_key: split the init key into (head, backbone) keys (the real-data
+      models, with or without a backbone), or init the head with it (Boolean).
+  """
+  head_sizes: Callable[[int], list[int]]
+  expand_layers: tuple[int, ...]
+  init_backbone: Callable[[jax.Array], dict] | None = None
+  backbone: Callable[[dict, jax.Array], jax.Array] | None = None
+  split_init_key: bool = True
+
+
+def split_params(tree: dict) -> tuple[dict, dict]:
+  """(backbone, head): the head is the `dense_i` entries."""
+  head = {k: v for k, v in tree.items() if k.startswith("dense_")}
+  return {k: v for k, v in tree.items() if k not in head}, head
+
+
+def make_apply(spec: ModelSpec) -> train.ApplyFn:
+  """`apply(params, masks, x) -> logits` of a (backbone +) masked MLP head."""
+
+  def apply(params, masks, x):
+    backbone, head = split_params(params)
+    _, head_masks = split_params(masks)
+    if spec.backbone is not None:
+      # Backbone masks are all ones (never expanded): the backbone is applied unmasked.
+      x = spec.backbone(backbone, x)
+    return nn.apply_mlp(head, head_masks, x)
+
+  return apply
+
+
+def init_model(spec: ModelSpec, key: jax.Array, width: int) -> tuple[dict, dict]:
+  """Dense params and all-ones masks of head width `width`."""
+  head_key, backbone_key = jax.random.split(key) if spec.split_init_key else (key, None)
+  params = nn.init_mlp(head_key, spec.head_sizes(width))
+  if spec.init_backbone is not None:
+    params = {**spec.init_backbone(backbone_key), **params}
+  return params, nn.full_masks(params)
+
+
+def dense_param_count(spec: ModelSpec, width: int) -> int:
+  """Parameters (= non-zeros) of the dense model of head width `width`."""
+  shapes = jax.eval_shape(lambda k: init_model(spec, k, width)[0], jax.random.key(0))
+  return int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)))
+
+
+def width_for_ratio(spec: ModelSpec, width: int, ratio: float) -> int:
+  """The head width (> width) whose dense count is nearest `ratio` x width's count."""
+  target = ratio * dense_param_count(spec, width)
+  best, candidate = width + 1, width + 1
+  while True:
+    count = dense_param_count(spec, candidate)
+    if abs(count - target) < abs(dense_param_count(spec, best) - target):
+      best = candidate
+    if count >= target:
+      return best
+    candidate += 1
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+class TaskData(NamedTuple):
+  """Train and test arrays of one task: shared by its runs, or one set per run.
+
+  Shared: `x_train: [n, ...]`, `y_train: [n]` (numpy; the same for the test arrays).
+  Per run (`Task.per_run_data`): a leading run axis, `x_train: [R, n, ...]`, `y_train:
+  [R, n]`, in the order of `Task.runs`.
+  """
+  x_train: Any
+  y_train: Any
+  x_test: Any
+  y_test: Any
+  num_classes: int
+
+
+class Run(NamedTuple):
+  """One run of a task: its key and what names it in the records.
+
+  Attributes:
+    key: the run key (module docstring: PRNG streams).
+    labels: record fields that name the run, e.g. `{"task": "mlp", "seed": 0}` or
+      `{"clauses": 8, "seed": 0}`; "seed" pairs its arms with its dense baseline.
+    expand_args: extra `fpe.expand` arguments (Boolean: the formula's clauses).
+    extra_metrics: `(params, masks) -> {name: value}` evaluated per trained model, or None.
+  """
+  key: jax.Array
+  labels: Mapping[str, Any]
+  expand_args: Mapping[str, Any] = {}
+  extra_metrics: Callable[[dict, dict], dict] | None = None
+
+
+class Task(NamedTuple):
+  """A family of runs trained together: one model spec, its data and its runs.
+
+  Attributes:
+    name: prefixes its phases (`<name>_h8_warmup`; "" for none).
+    spec: the model.
+    data: the data (`TaskData`).
+    runs: the runs; each phase vmaps all of them (times its arms).
+    objective: `(logits, labels) -> scalar` (`train.softmax_ce`, `train.sigmoid_bce`).
+    per_run_data: whether `data` has a leading run axis.
+  """
+  name: str
+  spec: ModelSpec
+  data: TaskData
+  runs: tuple[Run, ...]
+  objective: train.Objective = train.softmax_ce
+  per_run_data: bool = False
+
+
+def planned_steps(cfg: SweepConfig) -> int:
+  """Steps one task trains in all (for the progress line)."""
+  per_width = (cfg.warmup_steps + ("dense" in cfg.arms) * cfg.steps
+               + bool(cfg.fpe_splits) * len(cfg.alphas) * cfg.steps
+               + ("dropconnect" in cfg.arms) * cfg.steps
+               + len(cfg.dense_ratios) * (cfg.warmup_steps + cfg.steps))
+  return per_width * len(cfg.widths)
+
+
+# ---------------------------------------------------------------- --matmul=pallas
+
+
+def pallas_loss(apply_fn: train.ApplyFn, objective: train.Objective) -> train.LossFn:
+  """The supervised loss on block-sparse kernel masks, its last argument (`kernel_masks`).
+
+  The state keeps the plain 0/1 masks (re-applied after each update, checkpointed);
+  the kernel masks, built once per phase from them, only route the matmuls.
+  """
+  plain = train.supervised_loss(apply_fn, objective)
+
+  def loss_fn(params, masks, x, y, step_key, kernel):
+    del masks  # the same masks, as block metadata
+    return plain(params, kernel, x, y, step_key)
+
+  return loss_fn
+
+
+def kernel_masks(masks: nn.Masks) -> nn.Masks:
+  """Run-stacked head weight masks as block-sparse kernel masks (host-side metadata, once)."""
+  from kernels_pallas.block_sparse import BlockSparseMask  # pylint: disable=import-outside-toplevel
+
+  def kernel(name, layer_masks):
+    if not name.startswith("dense_"):
+      return layer_masks
+    return {**layer_masks, "w": BlockSparseMask.from_masks(np.asarray(layer_masks["w"]),
+                                                           implementation="pallas")}
+
+  return {name: kernel(name, m) for name, m in masks.items()}
+
+
+# ------------------------------------------------------------------------ the sweep
+
+
+def stack_trees(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack_tree(tree, i):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def select(tree, idx: Sequence[int]):
+  """The runs `idx` of a run-stacked tree."""
+  return jax.tree.map(lambda a: a[np.asarray(idx)], tree)
+
+
+class Sweep:
+  """Trains and evaluates every arm of every width of one task, with checkpoints."""
+
+  def __init__(self, task: Task, cfg: SweepConfig, run_dir: common.RunDir,
+               progress: common.Progress):
+    self.task, self.cfg, self.run_dir, self.progress = task, cfg, run_dir, progress
+    self.apply_fn = make_apply(task.spec)
+    self.optimizer = make_optimizer(cfg)
+    data = task.data
+    self.x_train, self.y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    self.predict = jax.jit(lambda p, m, x: train.predictions(self.apply_fn(p, m, x)))
+    example_ndim = self.x_train.ndim - 1 - task.per_run_data
+    self.batch_sharding = None
+    if len(jax.devices()) > 1:
+      self.batch_sharding = sharding.batch_sharding(sharding.make_mesh(), example_ndim + 1)
+    self.losses = {
+        "plain": train.supervised_loss(self.apply_fn, task.objective),
+        "dropconnect": train.dropconnect_loss(
+            self.apply_fn, task.objective,
+            [nn.layer_name(i) for i in task.spec.expand_layers]),
+        "pallas": pallas_loss(self.apply_fn, task.objective),
+    }
+    self.programs = {}
+
+  def program(self, loss: str, steps: int):
+    """The jitted chunk of `steps` steps, vmapped over runs (built once per loss and size)."""
+    if (loss, steps) not in self.programs:
+      chunk = train.make_train_chunk(self.losses[loss], self.optimizer,
+                                     batch_size=self.cfg.batch_size, steps=steps,
+                                     batch_sharding=self.batch_sharding)
+      data_axis = 0 if self.task.per_run_data else None
+      loss_args = 0 if loss == "plain" else 1  # dropconnect: keep; pallas: kernel masks
+      in_axes = (0, data_axis, data_axis, 0) + (0,) * loss_args
+      self.programs[loss, steps] = jax.jit(jax.vmap(chunk, in_axes=in_axes), donate_argnums=0)
+    return self.programs[loss, steps]
+
+  def run_phase(self, phase: str, state: train.TrainState, runs: Sequence[int], end_step: int,
+            loss: str = "plain", loss_args=()) -> train.TrainState:
+    """Trains the run-stacked `state` of `runs` (indices into task.runs) to `end_step`."""
+    first = int(state.step[0])
+    steps = min(self.cfg.chunk_steps, end_step - first)  # a warm-up may be one short chunk
+    x, y = self.x_train, self.y_train
+    if self.task.per_run_data:
+      x, y = select(x, runs), select(y, runs)
+    keys = jnp.stack([self.train_key(r) for r in runs])
+    name = f"{self.task.name}_{phase}" if self.task.name else phase
+    return common.train_phase(self.run_dir, name, state, self.program(loss, steps), x, y,
+                              keys, *loss_args, end_step=end_step, chunk_steps=steps,
+                              progress=self.progress)
+
+  def train_key(self, r: int) -> jax.Array:
+    return jax.random.fold_in(self.task.runs[r].key, 4)
+
+  def init_states(self, models, step: int = 0) -> train.TrainState:
+    """Fresh optimiser states of (params, masks) models, stacked on the run axis."""
+    return stack_trees([train.init_state(p, self.optimizer, m, step=step) for p, m in models])
+
+  def dense_models(self, width: int):
+    spec = self.task.spec
+    return [init_model(spec, jax.random.fold_in(jax.random.fold_in(run.key, 3), width), width)
+            for run in self.task.runs]
+
+  def run_width(self, width: int) -> list[dict]:
+    """All arms of one base width; one evaluation record per run and arm."""
+    cfg = self.cfg
+    everyone = list(range(len(self.task.runs)))
+    warm = self.init_states(self.dense_models(width))
+    if cfg.warmup_steps:
+      warm = self.run_phase(f"h{width}_warmup", warm, everyone, cfg.warmup_steps)
+    total = cfg.warmup_steps + cfg.steps
+    records = []
+    if "dense" in cfg.arms:
+      dense = self.run_phase(f"h{width}_dense", warm, everyone, total)
+      records += self.evaluate(dense, everyone, width, arm="dense", alpha=1)
+    if "dropconnect" in cfg.arms:
+      runs = [(a, i) for a in cfg.alphas for i in everyone]
+      keep = jnp.asarray([1.0 / a for a, _ in runs], jnp.float32)
+      state = self.run_phase(f"h{width}_dropconnect", select(warm, [i for _, i in runs]),
+                         [i for _, i in runs], total, "dropconnect", (keep,))
+      for alpha in cfg.alphas:
+        idx = [j for j, (a, _) in enumerate(runs) if a == alpha]
+        records += self.evaluate(select(state, idx), everyone, width, arm="dropconnect",
+                                 alpha=alpha)
+    for alpha in cfg.alphas if cfg.fpe_splits else ():
+      runs = [(split, i) for split in cfg.fpe_splits for i in everyone]
+      state = self.init_states([self.expand(unstack_tree(warm, i), split, alpha, i)
+                                for split, i in runs], step=cfg.warmup_steps)
+      loss, loss_args = "plain", ()
+      if cfg.matmul == "pallas":
+        loss, loss_args = "pallas", (kernel_masks(state.masks),)
+      state = self.run_phase(f"h{width}_alpha{alpha}", state, [i for _, i in runs], total, loss,
+                         loss_args)
+      for split in cfg.fpe_splits:
+        idx = [j for j, (sp, _) in enumerate(runs) if sp == split]
+        records += self.evaluate(select(state, idx), everyone, width, arm=split, alpha=alpha)
+    for ratio in cfg.dense_ratios:
+      big = width_for_ratio(self.task.spec, width, ratio)
+      state = self.init_states(self.dense_models(big))
+      state = self.run_phase(f"h{width}_dense{ratio:g}x", state, everyone, total)
+      records += self.evaluate(state, everyone, width, arm=f"dense_x{ratio:g}", alpha=1,
+                               head_width=big)
+    return records
+
+  def expand(self, state: train.TrainState, split: str, alpha: int, r: int):
+    """The FPE expansion of run r's head (one model, on the host)."""
+    backbone, head = split_params(state.params)
+    backbone_masks, head_masks = split_params(state.masks)
+    run = self.task.runs[r]
+    head, head_masks = fpe.expand(
+        head, head_masks, layer=list(self.task.spec.expand_layers), alpha=alpha, split=split,
+        key=jax.random.fold_in(run.key, 5), bias=self.cfg.bias, budget=self.cfg.budget,
+        **run.expand_args)
+    params, masks = {**backbone, **head}, {**backbone_masks, **head_masks}
+    assert nn.count_nonzero(params, masks) == nn.count_nonzero(state.params, state.masks)
+    return params, masks
+
+  def test_data(self, r: int):
+    data = self.task.data
+    if self.task.per_run_data:
+      return data.x_test[r], np.asarray(data.y_test[r])
+    return data.x_test, data.y_test
+
+  def evaluate(self, state: train.TrainState, runs: Sequence[int], width: int, *, arm: str,
+               alpha: int, head_width: int | None = None) -> list[dict]:
+    """Test accuracy, non-zeros and interference metrics of each run of a stacked state."""
+    records = []
+    for j, r in enumerate(runs):
+      params, masks = unstack_tree(state.params, j), unstack_tree(state.masks, j)
+      x_test, y_test = self.test_data(r)
+      correct = 0
+      for begin in range(0, len(y_test), self.cfg.eval_batch):
+        predicted = self.predict(params, masks, x_test[begin:begin + self.cfg.eval_batch])
+        correct += int(np.sum(np.asarray(predicted) == y_test[begin:begin + self.cfg.eval_batch]))
+      run = self.task.runs[r]
+      records.append({
+          **run.labels, "width": width, "arm": arm, "alpha": alpha,
+          "head_width": head_width or width * (1 if arm in ("dense", "dropconnect") else alpha),
+          "accuracy": correct / len(y_test),
+          "nonzero": nn.count_nonzero(params, masks),
+          **layer_metrics(params, masks, self.task.spec.expand_layers),
+          **(run.extra_metrics(params, masks) if run.extra_metrics else {}),
+      })
+    return records
+
+
+def layer_metrics(params: dict, masks: dict, layers: Sequence[int]) -> dict:
+  """Interference metrics of the expanded layers' incoming weights `w: [d_in, neurons]`.
+
+  capacity, abs_cosine and cosine are the first layer's (the headline figures); the
+  `*_per_layer` lists hold every layer's. unconnected_neurons counts the neurons the
+  budget prune left without an incoming edge (a sign it ate a whole layer, see --budget).
+  """
+  _, head = split_params(params)
+  _, head_masks = split_params(masks)
+  capacity, abs_cosine, unconnected = [], [], 0
+  for layer in layers:
+    w = head[nn.layer_name(layer)]["w"]
+    capacity.append(float(jnp.mean(metrics.feature_capacity(w))))
+    abs_cosine.append(float(metrics.mean_pairwise_cosine(w, absolute=True)))
+    incoming = np.asarray(nn.dense_mask(head_masks[nn.layer_name(layer)]["w"]))
+    unconnected += int(np.sum(incoming.sum(axis=0) == 0))
+  first = head[nn.layer_name(layers[0])]["w"]
+  return {"capacity": capacity[0], "abs_cosine": abs_cosine[0],
+          "cosine": float(metrics.mean_pairwise_cosine(first)),
+          "capacity_per_layer": capacity, "abs_cosine_per_layer": abs_cosine,
+          "unconnected_neurons": unconnected}
+
+
+def train_and_evaluate(experiment: str, module_name: str, tasks: Sequence[Task],
+                       cfg: SweepConfig) -> tuple[common.RunDir, list[dict]]:
+  """Opens the run directory and runs every task's sweep: (run_dir, records)."""
+  run_dir = common.RunDir(experiment, module_name).open()
+  print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""),
+        flush=True)
+  progress = common.Progress(experiment, planned_steps(cfg) * len(tasks))
+  records = []
+  for task in tasks:
+    sweep = Sweep(task, cfg, run_dir, progress)
+    for width in cfg.widths:
+      records += sweep.run_width(width)
+  return run_dir, records
+
+
+# ------------------------------------------------------------------------ summaries
+
+
+def stats(values) -> dict:
+  """Mean, std and the values of a per-seed list."""
+  values = np.asarray(values, np.float64)
+  return {"mean": float(values.mean()), "std": float(values.std()),
+          "per_seed": [float(v) for v in values]}
+
+
+def summarize(records: list[dict], *, by: Sequence[str], metrics: Sequence[str],
+              constant: Sequence[str] = ("nonzero",), order: Callable | None = None
+              ) -> list[dict]:
+  """Mean ± std over seeds per point, gains over dense paired by seed, dense size.
+
+  Args:
+    records: one per run and arm (`Sweep.evaluate`).
+    by: the fields that make a point, among them "arm" and "alpha"; the others name its
+      site (e.g. task and width), where the dense baseline and the dense family live.
+    metrics: the record fields summarised by `stats` (None values left out; a metric
+      with none is left out of the point).
+    constant: fields copied from the point's first record (equal over its seeds).
+    order: sort key of a point's first record (default: its `by` values).
+
+  Returns:
+    The points, sorted. A point at a site with a dense arm gains `accuracy_gain`,
+    `capacity_fold` and `abs_cosine_fold` (per seed against the same seed's dense run);
+    a non-dense arm at a site with a dense family (dense and dense x r) gains
+    `equivalent_dense_size`.
+  """
+  site_keys = [k for k in by if k not in ("arm", "alpha")]
+  site = lambda r: tuple(r[k] for k in site_keys)
+  groups = {}
+  for r in records:
+    groups.setdefault(tuple(r[k] for k in by), []).append(r)
+  dense = {site(rs[0]): {r["seed"]: r for r in rs} for rs in groups.values()
+           if rs[0]["arm"] == "dense"}
+  order = order or (lambda r: tuple(r[k] for k in by))
+  points = []
+  for rs in sorted(groups.values(), key=lambda rs: order(rs[0])):
+    rs = sorted(rs, key=lambda r: r["seed"])
+    point = {**{k: rs[0][k] for k in (*by, *constant)}, "seeds": [r["seed"] for r in rs]}
+    for key in metrics:
+      values = [r[key] for r in rs if r.get(key) is not None]
+      if values:
+        point[key] = stats(values)
+    base = dense.get(site(rs[0]))
+    if point["arm"] != "dense" and base and all(r["seed"] in base for r in rs):
+      point["accuracy_gain"] = stats([r["accuracy"] - base[r["seed"]]["accuracy"] for r in rs])
+      point["capacity_fold"] = stats([r["capacity"] / base[r["seed"]]["capacity"] for r in rs])
+      point["abs_cosine_fold"] = stats(
+          [r["abs_cosine"] / base[r["seed"]]["abs_cosine"] for r in rs])
+    points.append(point)
+  for where in dense:
+    at = [p for p in points if site(p) == where]
+    family = [(p["nonzero"], p["accuracy"]["mean"]) for p in at
+              if p["arm"] == "dense" or p["arm"].startswith("dense_x")]
+    if len(family) < 2:
+      continue
+    base_count = next(p["nonzero"] for p in at if p["arm"] == "dense")
+    for p in at:
+      if not p["arm"].startswith("dense"):
+        p["equivalent_dense_size"] = equivalent_dense_size(p["accuracy"]["mean"], family,
+                                                           base_count)
+  return points
+
+
+def equivalent_dense_size(accuracy: float, family: Sequence[tuple[int, float]],
+                          base: int) -> dict:
+  """Where `accuracy` falls on a dense family [(non-zeros, mean accuracy)], as a ratio.
+
+  Linear interpolation in log(non-zeros) between the family's envelope points (each beats
+  all smaller models); outside the envelope its end ratio is a bound ("<=" or ">=").
+  """
+  # The envelope: only models that beat every smaller one (a larger dense model that does
+  # worse than a smaller one says nothing about the size that accuracy needs).
+  envelope = []
+  for n, a in sorted(family):
+    if not envelope or a > envelope[-1][1]:
+      envelope.append((n, a))
+  sizes = np.log([n / base for n, _ in envelope])
+  best = np.asarray([a for _, a in envelope])
+  if accuracy <= best[0]:
+    return {"ratio": float(np.exp(sizes[0])), "bound": "<="}
+  if accuracy > best[-1]:
+    return {"ratio": float(np.exp(sizes[-1])), "bound": ">="}
+  j = int(np.flatnonzero(best >= accuracy)[0])
+  t = (accuracy - best[j - 1]) / (best[j] - best[j - 1])
+  return {"ratio": float(np.exp(sizes[j - 1] + t * (sizes[j] - sizes[j - 1]))), "bound": "="}
+
+
+# ------------------------------------------------------- real data: claims, table, plots
+
+REAL_DATA_POINT = dict(by=("task", "width", "arm", "alpha"),
+                       metrics=("accuracy", "capacity", "abs_cosine", "unconnected_neurons"),
+                       constant=("head_width", "nonzero"))
+
+
+def claims(points: list[dict]) -> dict:
+  """The paper's real-data claims, checked on the grid that was run (per task)."""
+  out = {}
+  for task in sorted({p["task"] for p in points}):
+    fpe_points = [p for p in points if p["task"] == task and p["arm"] in fpe.SPLITS
+                  and "accuracy_gain" in p]
+    if not fpe_points:
+      continue
+    out[f"{task}_random_beats_dense_everywhere"] = all(
+        p["accuracy_gain"]["mean"] > 0 for p in fpe_points if p["arm"] == "random")
+    out[f"{task}_fpe_beats_dense_points"] = (
+        f"{sum(p['accuracy_gain']['mean'] > 0 for p in fpe_points)}/{len(fpe_points)}")
+    drop = {(p["width"], p["alpha"]): p["accuracy"]["mean"] for p in points
+            if p["task"] == task and p["arm"] == "dropconnect"}
+    pairs = [(p["accuracy"]["mean"], drop[(p["width"], p["alpha"])]) for p in fpe_points
+             if p["arm"] == "random" and (p["width"], p["alpha"]) in drop]
+    if pairs:
+      out[f"{task}_random_ge_dropconnect"] = f"{sum(a >= b for a, b in pairs)}/{len(pairs)}"
+    overlap = {(p["width"], p["alpha"]): p["accuracy"]["mean"] for p in fpe_points
+               if p["arm"] == "overlap"}
+    pairs = [(p["accuracy"]["mean"], overlap[(p["width"], p["alpha"])]) for p in fpe_points
+             if p["arm"] == "random" and (p["width"], p["alpha"]) in overlap]
+    if pairs:
+      out[f"{task}_random_gt_overlap"] = f"{sum(a > b for a, b in pairs)}/{len(pairs)}"
+    out[f"{task}_capacity_up"] = all(p["capacity_fold"]["mean"] > 1 for p in fpe_points)
+    out[f"{task}_abs_cosine_down"] = all(p["abs_cosine_fold"]["mean"] < 1 for p in fpe_points)
+  return out
+
+
+def table(points: list[dict]) -> str:
+  """A plain-text table: accuracy mean ± std, gain, equivalent dense size, metrics."""
+  lines = [f"{'task':10s} {'width':>5s} {'arm':12s} {'alpha':>5s} {'nonzero':>8s} "
+           f"{'accuracy %':>14s} {'gain':>7s} {'dense size':>10s} {'capacity':>8s} "
+           f"{'|cos|':>6s} {'unconn':>6s}"]
+  for p in points:
+    gain = p.get("accuracy_gain")
+    size = p.get("equivalent_dense_size")
+    size_text = (f"{'' if size['bound'] == '=' else size['bound']}{size['ratio']:.2f}x"
+                 if size else "")
+    lines.append(
+        f"{p['task']:10s} {p['width']:5d} {p['arm']:12s} {p['alpha']:5d} {p['nonzero']:8d} "
+        f"{100 * p['accuracy']['mean']:6.2f} ± {100 * p['accuracy']['std']:5.2f} "
+        + (f"{100 * gain['mean']:+7.2f}" if gain else f"{'':7s}")
+        + f" {size_text:>10s} {p['capacity']['mean']:8.4f} {p['abs_cosine']['mean']:6.3f}"
+        f" {p['unconnected_neurons']['mean']:6.1f}")
+  return "\n".join(lines)
+
+
+@functools.cache
+def _pyplot():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def write_plots(points: list[dict], folder: str) -> list[str]:
+  """Accuracy vs width (a panel per task and alpha) and equivalent dense size vs width."""
+  plt = _pyplot()
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for task in sorted({p["task"] for p in points}):
+    rows = [p for p in points if p["task"] == task]
+    alphas = sorted({p["alpha"] for p in rows if p["alpha"] > 1}) or [1]
+    fig, axes = plt.subplots(1, len(alphas), figsize=(4.6 * len(alphas), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, alpha in zip(axes[0], alphas, strict=True):
+      arms = sorted({p["arm"] for p in rows if p["alpha"] in (1, alpha)},
+                    key=lambda a: (not a.startswith("dense"), a))
+      for arm in arms:
+        sel = sorted((p for p in rows if p["arm"] == arm and p["alpha"] in (1, alpha)),
+                     key=lambda p: p["width"])
+        ax.errorbar([p["width"] for p in sel], [100 * p["accuracy"]["mean"] for p in sel],
+                    yerr=[100 * p["accuracy"]["std"] for p in sel], marker="o", capsize=3,
+                    label=arm, linestyle="--" if arm.startswith("dense") else "-")
+      ax.set_xscale("log", base=2)
+      ax.set_title(f"{task}, alpha = {alpha}")
+      ax.set_xlabel("width (neurons before expansion)")
+      ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(folder, f"{task}_accuracy_vs_width.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+    sized = [p for p in rows if "equivalent_dense_size" in p]
+    if sized:
+      fig, ax = plt.subplots(figsize=(5.2, 3.8))
+      for arm, alpha in sorted({(p["arm"], p["alpha"]) for p in sized}):
+        sel = sorted((p for p in sized if p["arm"] == arm and p["alpha"] == alpha),
+                     key=lambda p: p["width"])
+        ax.plot([p["width"] for p in sel], [p["equivalent_dense_size"]["ratio"] for p in sel],
+                marker="o", label=f"{arm} α={alpha}")
+      ax.axhline(1.0, color="grey", lw=0.8)
+      ax.set_xscale("log", base=2)
+      ax.set_xlabel("width (neurons before expansion)")
+      ax.set_ylabel("equivalent dense size (x non-zeros)")
+      ax.set_title(f"{task}: equivalent dense size (bounds clipped)")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
+      fig.tight_layout()
+      path = os.path.join(folder, f"{task}_equivalent_dense_size.png")
+      fig.savefig(path, dpi=110)
+      plt.close(fig)
+      paths.append(path)
+  return paths
+
+
+def real_data_tasks(tasks: Mapping[str, tuple[ModelSpec, TaskData, dict]],
+                    cfg: SweepConfig) -> list[Task]:
+  """The real-data binaries' tasks: every seed s one run with key fold_in(key(seed), s)."""
+  def runs(name):
+    return tuple(Run(key=jax.random.fold_in(jax.random.key(cfg.seed), s),
+                     labels={"task": name, "seed": s}) for s in range(cfg.seeds))
+  return [Task(name, spec, data, runs(name)) for name, (spec, data, _) in tasks.items()]
+
+
+def run_all(experiment: str, module_name: str, config, load_tasks: Callable[[], dict]) -> dict:
+  """A real-data binary: loads its tasks, runs the sweep, writes results.json and plots.
+
+  Args:
+    experiment: the binary's name (run directory folder).
+    module_name: the binary's module (for flags.txt).
+    config: the binary's frozen config (into results.json); `config.sweep` the sweep.
+    load_tasks: () -> {task name: (ModelSpec, TaskData, info dict)}; it runs before the
+      run directory is opened, so missing data fails before anything is written.
+
+  Returns:
+    The results dict (as written).
+  """
+  t0 = time.perf_counter()
+  tasks = load_tasks()
+  print(f"data ready in {time.perf_counter() - t0:.0f} s ({len(jax.devices())} devices)",
+        flush=True)
+  t0 = time.perf_counter()
+  run_dir, records = train_and_evaluate(experiment, module_name,
+                                        real_data_tasks(tasks, config.sweep), config.sweep)
+  points = summarize(records, **REAL_DATA_POINT)
+  results = {"experiment": experiment, "flags": run_dir.flags_text.splitlines(),
+             "config": common.config_record(config), "devices": len(jax.devices()),
+             "tasks": {name: info for name, (_, _, info) in tasks.items()},
+             "points": points, "claims": claims(points),
+             "seconds": round(time.perf_counter() - t0, 1)}
+  print(table(points))
+  print("claims:", results["claims"])
+  results["plots"] = [os.path.basename(p) for p in write_plots(points, run_dir.plots)]
+  path = run_dir.write_results(results)
+  print(f"results: {path} ({results['seconds']:.0f} s)")
+  return results
+
+
+# ---------------------------------------------------------------------------- flags
+
+
+def _owner(module_name: str) -> dict:
+  # absl files the flags of a module run as `python -m` under its script path; so does
+  # common.resolved_flags, which writes them into the binary's flags.txt.
+  return {"module_name": sys.argv[0] if module_name == "__main__" else module_name}
+
+
+def define_training_flags(module_name: str, **defaults) -> None:
+  """Defines the training flags of every FPE binary, owned by `module_name`.
+
+  They are attributed to the calling binary's module so that `common.resolved_flags`
+  writes them into its flags.txt. `defaults` overrides a flag's default by name.
+  """
+  d = {"seeds": 3, "seed": 0, "warmup_steps": 500, "steps": 5000, "chunk_steps": 500,
+       "batch_size": 128, "optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0,
+       "schedule": "constant", "schedule_boundaries": [], "schedule_decay": 0.1,
+       "bias": "copy", "budget": "global", **defaults}
+  m = _owner(module_name)
+  flags.DEFINE_integer("seeds", d["seeds"], "Seeds per point (init, minibatches, splits).",
+                       **m)
+  flags.DEFINE_integer("seed", d["seed"], "Base seed; every key derives from it.", **m)
+  flags.DEFINE_integer("warmup_steps", d["warmup_steps"], "Dense steps before expansion.", **m)
+  flags.DEFINE_integer("steps", d["steps"], "Steps after expansion (every arm).", **m)
+  flags.DEFINE_integer("chunk_steps", d["chunk_steps"],
+                       "Steps per jitted call: the log and checkpoint period.", **m)
+  flags.DEFINE_integer("batch_size", d["batch_size"], "Minibatch size.", **m)
+  flags.DEFINE_enum("optimizer", d["optimizer"], train.OPTIMIZERS, "Optimiser.", **m)
+  flags.DEFINE_float("learning_rate", d["learning_rate"], "(Initial) learning rate.", **m)
+  flags.DEFINE_float("weight_decay", d["weight_decay"], "Weight decay: L2 for adam and sgd, "
+                     "decoupled for adamw (train.make_optimizer); 0: none.", **m)
+  flags.DEFINE_enum("schedule", d["schedule"], train.SCHEDULES, "Learning-rate schedule of "
+                    "each phase's optimiser steps (a fresh optimiser after the expansion "
+                    "restarts it); cosine decays over --warmup_steps + --steps.", **m)
+  flags.DEFINE_list("schedule_boundaries", d["schedule_boundaries"],
+                    "--schedule=step: the steps at which the rate is multiplied by "
+                    "--schedule_decay.", **m)
+  flags.DEFINE_float("schedule_decay", d["schedule_decay"],
+                     "--schedule=step: the factor, in (0, 1].", **m)
+  flags.DEFINE_enum("bias", d["bias"], fpe.BIAS_MODES, "Child biases (fpe.expand).", **m)
+  flags.DEFINE_enum("budget", d["budget"], fpe.BUDGET_MODES,
+                    "Budget-restoring prune over the expanded layers (fpe.expand).", **m)
+
+  for name in ("seeds", "steps", "chunk_steps", "batch_size"):
+    common.flag_validator(name, lambda v: v >= 1, "must be >= 1")
+  common.flag_validator("warmup_steps", lambda v: v >= 0, "must be >= 0")
+  common.flag_validator("learning_rate", lambda v: v > 0, "must be > 0")
+  common.flag_validator("weight_decay", lambda v: 0 <= v < float("inf"),
+                        "must be a finite number >= 0")
+  common.flag_validator("schedule_boundaries", lambda v: (x := common.int_list(v)) is not None
+                        and x == sorted(set(x)) and all(b >= 1 for b in x),
+                        "a comma list of increasing steps >= 1, e.g. 1000,2000")
+  common.flag_validator("schedule_decay", lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+
+def define_sweep_flags(module_name: str, **defaults) -> None:
+  """Defines the real-data binaries' sweep flags (grid + training), owned by `module_name`."""
+  grid = {"widths": ["8", "16", "32"], "alphas": ["2", "4"], "arms": list(ARMS),
+          "dense_ratios": ["1.2", "2"]}
+  grid.update({k: defaults.pop(k) for k in list(defaults) if k in grid})
+  m = _owner(module_name)
+  flags.DEFINE_list("widths", grid["widths"], "Widths (neurons per hidden layer) before "
+                    "expansion; each must be >= every alpha.", **m)
+  flags.DEFINE_list("alphas", grid["alphas"], "Expansion factors (children per neuron), "
+                    "integers >= 2.", **m)
+  flags.DEFINE_list("arms", grid["arms"], f"Arms among {', '.join(ARMS)}.", **m)
+  flags.DEFINE_list("dense_ratios", grid["dense_ratios"], "Larger dense models, as multiples "
+                    "(> 1) of dense width's non-zeros, for the equivalent dense size.", **m)
+  define_training_flags(module_name, **defaults)
+
+  common.flag_validator("widths", lambda v: bool(x := common.int_list(v)) and min(x) >= 1,
+                        "a comma list of integers >= 1, e.g. 8,16,32")
+  common.flag_validator("alphas", lambda v: bool(x := common.int_list(v)) and min(x) >= 2,
+                        "a comma list of integers >= 2 (children per neuron), e.g. 2,4")
+  common.flag_validator("arms", lambda v: bool(v) and set(v) <= set(ARMS),
+                        f"a comma list of arms among {', '.join(ARMS)}")
+  common.flag_validator("dense_ratios", lambda v: (x := common.float_list(v)) is not None
+                        and all(r > 1 for r in x), "a comma list of numbers > 1, e.g. 1.2,2")
+
+
+def sweep_config(values, *, widths: Sequence[int], alphas: Sequence[int],
+                 arms: Sequence[str], dense_ratios: Sequence[float] = (),
+                 matmul: str = "xla") -> SweepConfig:
+  """The `SweepConfig` of a binary: its grid, and the training flags read from `values`.
+
+  Called by a binary's config function only, with absl's FLAGS as `values` (the flags of
+  `define_training_flags`, parsed and validated); runs the checks across them.
+  """
+  devices = len(jax.devices())
+  common.validate("batch_size", values.batch_size % devices == 0,
+                  f"must be divisible by the {devices} devices of the data mesh")
+  boundaries = tuple(common.int_list(values.schedule_boundaries))
+  common.validate("schedule_boundaries", bool(boundaries) == (values.schedule == "step"),
+                  "needed by --schedule=step, and only by it")
+  order = ("dense",) + fpe.SPLITS + ("dropconnect",)
+  return SweepConfig(
+      widths=tuple(sorted(set(widths))), alphas=tuple(sorted(set(alphas))),
+      arms=tuple(a for a in order if a in arms),
+      dense_ratios=tuple(sorted(set(dense_ratios))), seeds=values.seeds, seed=values.seed,
+      warmup_steps=values.warmup_steps, steps=values.steps, chunk_steps=values.chunk_steps,
+      batch_size=values.batch_size, optimizer=values.optimizer,
+      learning_rate=values.learning_rate, weight_decay=values.weight_decay,
+      schedule=values.schedule, schedule_boundaries=boundaries,
+      schedule_decay=values.schedule_decay, bias=values.bias, budget=values.budget,
+      matmul=matmul)
+
+
+def real_data_sweep_config(values) -> SweepConfig:
+  """The `SweepConfig` of the flags of `define_sweep_flags` (see `sweep_config`)."""
+  widths, alphas = common.int_list(values.widths), common.int_list(values.alphas)
+  common.validate("widths", min(widths) >= max(alphas), "every width must be >= the largest "
+                  "of --alphas (each neuron splits into alpha children)")
+  for name in ("warmup_steps", "steps"):
+    common.validate(name, getattr(values, name) % values.chunk_steps == 0,
+                    "must be a multiple of --chunk_steps")
+  return sweep_config(values, widths=widths, alphas=alphas, arms=values.arms,
+                      dense_ratios=common.float_list(values.dense_ratios))
