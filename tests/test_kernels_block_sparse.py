@@ -311,6 +311,35 @@ def test_masked_mlp_runs_and_trains_through_the_kernel():
   assert nn.count_nonzero(params, kernel) == nn.count_nonzero(params, plain)
 
 
+def test_run_stacked_kernel_masks_train_under_vmap_and_scan():
+  """How a binary trains runs with --matmul=pallas: run-stacked kernel masks are vmapped
+  leaves beside the params, scanned over steps: same params as plain masks on XLA."""
+  from fpe_jax import nn
+
+  rng = np.random.default_rng(8)
+  runs = 2  # with different masks
+  stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+  params = stack([nn.init_mlp(jax.random.key(r), [20, 40, 3]) for r in range(runs)])
+  plain = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) < 0.4, jnp.float32), params)
+  params = nn.apply_masks(params, plain)
+  kernel = {n: {**m, "w": BlockSparseMask.from_masks(np.asarray(m["w"]), block_shape=(16, 16))}
+            for n, m in plain.items()}
+  x = jnp.asarray(rng.normal(size=(6, 20)), jnp.float32)
+
+  def train(params, masks, implementation):
+    def step(params, _):
+      grads = jax.grad(lambda p: jnp.sum(nn.apply_mlp(
+          p, masks, x, implementation=implementation) ** 2))(params)
+      return nn.apply_masks(jax.tree.map(lambda p, g: p - 1e-2 * g, params, grads), masks), None
+    return jax.lax.scan(step, params, None, length=2)[0]
+
+  run = jax.jit(jax.vmap(train, in_axes=(0, 0, None)), static_argnums=2)
+  got, want = run(params, kernel, "pallas"), run(params, plain, "xla")
+  for name in params:
+    for leaf in params[name]:
+      assert _rel_err(got[name][leaf], want[name][leaf]) < 1e-5
+
+
 @pytest.mark.parametrize("platform,backend", [("tpu", "tpu"), ("cuda", "gpu")])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernels_lower_for_tpu_and_gpu(platform, backend, dtype):

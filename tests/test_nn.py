@@ -32,6 +32,26 @@ def test_apply_matches_numpy_with_masks():
                              rtol=1e-5, atol=1e-6)
 
 
+def test_implementation_is_explicit_and_kernel_masks_are_typed_leaves():
+  from kernels_pallas.block_sparse import BlockSparseMask
+
+  rng = np.random.default_rng(1)
+  params = nn.init_mlp(jax.random.key(2), [6, 5, 4])
+  masks = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) < 0.6, jnp.float32), params)
+  kernel = {n: {**m, "w": BlockSparseMask.from_mask(np.asarray(m["w"]))} for n, m in masks.items()}
+  x = jnp.asarray(rng.normal(size=(9, 6)), jnp.float32)
+  want = nn.apply_mlp(params, masks, x)
+  # "xla" (and "auto" on CPU) multiply by the kernel mask's dense array: the same bits.
+  for implementation in ("xla", "auto"):
+    np.testing.assert_array_equal(
+        nn.apply_mlp(params, kernel, x, implementation=implementation), want)
+  assert nn.dense_mask(kernel["dense_0"]["w"]) is kernel["dense_0"]["w"].dense
+  with pytest.raises(ValueError, match="implementation='pallas' needs mask to be a"):
+    nn.apply_mlp(params, masks, x, implementation="pallas")
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    nn.hidden_activations(params, masks, x, implementation="kernel")
+
+
 def test_count_nonzero_counts_the_mask_support():
   params = nn.init_mlp(jax.random.key(0), [4, 3, 1])
   masks = nn.full_masks(params)
