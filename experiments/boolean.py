@@ -29,6 +29,7 @@ from absl import flags
 from experiments import boolean_plots, common, fpe_sweep
 from fpe_jax import fpe, metrics, nn, train
 from fpe_jax.tasks import boolean as dnf
+from kernels_pallas import implementations
 
 FLAGS = flags.FLAGS
 SPLIT_CHOICES = ("dense",) + fpe.SPLITS
@@ -44,9 +45,10 @@ flags.DEFINE_integer("depth", 1, "Hidden layers; each has the width from --neuro
 flags.DEFINE_integer("layer", 0, "Hidden layer to expand (0 = first).")
 flags.DEFINE_integer("train_size", 4096, "Training examples per run (a fixed set).")
 flags.DEFINE_integer("test_size", 4096, "Fresh test examples per run.")
-flags.DEFINE_enum("matmul", "xla", fpe_sweep.MATMULS,
-                  "Masked matmuls of the FPE arms: XLA (w * mask), or the block-sparse Pallas "
-                  "kernel (kernels_pallas; interpret mode on CPU, for checking only).")
+flags.DEFINE_enum("matmul", "xla", implementations.IMPLEMENTATIONS,
+                  "Masked matmuls of the FPE arms: XLA (w * mask), the block-sparse Pallas "
+                  "kernel (kernels_pallas; interpret mode on CPU, for checking only), or auto "
+                  "(the kernel on TPU / GPU, XLA on CPU).")
 fpe_sweep.define_training_flags(__name__, seeds=5, warmup_steps=200, steps=20000,
                                 chunk_steps=1000, batch_size=64)
 

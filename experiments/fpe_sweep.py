@@ -63,10 +63,11 @@ from absl import flags
 
 from experiments import common
 from fpe_jax import fpe, metrics, nn, sharding, train
+from kernels_pallas import implementations
+from kernels_pallas.block_sparse import BlockSparseMask
 
 REAL_DATA_SPLITS = ("random", "feature", "overlap")
 ARMS = ("dense",) + REAL_DATA_SPLITS + ("dropconnect",)  # the real-data binaries' arms
-MATMULS = ("xla", "pallas")
 
 
 # --------------------------------------------------------------------------- config
@@ -96,8 +97,9 @@ class SweepConfig:
     schedule_decay: the "step" schedule's factor.
     bias: child biases (`fpe.BIAS_MODES`).
     budget: budget-restoring prune (`fpe.BUDGET_MODES`).
-    matmul: the FPE arms' masked matmuls: "xla" (w * mask) or "pallas" (block-sparse
-      kernel masks, `pallas_loss`).
+    matmul: the FPE arms' masked matmuls, one of kernels_pallas.implementations'
+      IMPLEMENTATIONS: "xla" (w * mask), "pallas" (the block-sparse kernel), "auto"
+      (the kernel on TPU / GPU); see `kernel_masks`.
     eval_batch: test examples per evaluation call.
   """
   widths: tuple[int, ...]
@@ -162,8 +164,11 @@ def split_params(tree: dict) -> tuple[dict, dict]:
   return {k: v for k, v in tree.items() if k not in head}, head
 
 
-def make_apply(spec: ModelSpec) -> train.ApplyFn:
-  """`apply(params, masks, x) -> logits` of a (backbone +) masked MLP head."""
+def make_apply(spec: ModelSpec, implementation: str = "xla") -> train.ApplyFn:
+  """`apply(params, masks, x) -> logits` of a (backbone +) masked MLP head.
+
+  `implementation` picks the head's matmuls (`nn.apply_mlp`; "xla": `x @ (w * mask)`).
+  """
 
   def apply(params, masks, x):
     backbone, head = split_params(params)
@@ -171,7 +176,7 @@ def make_apply(spec: ModelSpec) -> train.ApplyFn:
     if spec.backbone is not None:
       # Backbone masks are all ones (never expanded): the backbone is applied unmasked.
       x = spec.backbone(backbone, x)
-    return nn.apply_mlp(head, head_masks, x)
+    return nn.apply_mlp(head, head_masks, x, implementation=implementation)
 
   return apply
 
@@ -265,35 +270,37 @@ def planned_steps(cfg: SweepConfig) -> int:
   return per_width * len(cfg.widths)
 
 
-# ---------------------------------------------------------------- --matmul=pallas
+# ----------------------------------------------------------------------- --matmul
 
 
-def pallas_loss(apply_fn: train.ApplyFn, objective: train.Objective) -> train.LossFn:
-  """The supervised loss on block-sparse kernel masks, its last argument (`kernel_masks`).
+def kernel_masks(masks: nn.Masks, matmul: str) -> nn.Masks | None:
+  """The FPE phase's block-sparse kernel masks, or None where `matmul` runs XLA here.
 
-  The state keeps the plain 0/1 masks (re-applied after each update, checkpointed);
-  the kernel masks, built once per phase from them, only route the matmuls.
+  The one place of the sweep that builds kernel metadata (host-side, once per phase, from
+  the run-stacked head weight masks `[R, d_in, d_out]`): where `matmul` resolves to the
+  Pallas kernel (kernels_pallas.implementations: "pallas", or "auto" on TPU / GPU). The
+  state keeps its plain 0/1 masks (re-applied after each update, checkpointed); these only
+  route the matmuls, as the "kernel" loss's argument (`Sweep.losses`).
   """
-  plain = train.supervised_loss(apply_fn, objective)
-
-  def loss_fn(params, masks, x, y, step_key, kernel):
-    del masks  # the same masks, as block metadata
-    return plain(params, kernel, x, y, step_key)
-
-  return loss_fn
-
-
-def kernel_masks(masks: nn.Masks) -> nn.Masks:
-  """Run-stacked head weight masks as block-sparse kernel masks (host-side metadata, once)."""
-  from kernels_pallas.block_sparse import BlockSparseMask  # pylint: disable=import-outside-toplevel
+  if implementations.resolve_implementation(matmul) != "pallas":
+    return None
 
   def kernel(name, layer_masks):
     if not name.startswith("dense_"):
       return layer_masks
-    return {**layer_masks, "w": BlockSparseMask.from_masks(np.asarray(layer_masks["w"]),
-                                                           implementation="pallas")}
+    return {**layer_masks, "w": BlockSparseMask.from_masks(np.asarray(layer_masks["w"]))}
 
   return {name: kernel(name, m) for name, m in masks.items()}
+
+
+def on_kernel_masks(loss_fn: train.LossFn) -> train.LossFn:
+  """`loss_fn` on the kernel masks passed as its last argument, not the state's masks."""
+
+  def kernel_loss_fn(params, masks, x, y, step_key, kernel):
+    del masks  # the same 0/1 masks, as block metadata
+    return loss_fn(params, kernel, x, y, step_key)
+
+  return kernel_loss_fn
 
 
 # ------------------------------------------------------------------------ the sweep
@@ -332,7 +339,8 @@ class Sweep:
         "dropconnect": train.dropconnect_loss(
             self.apply_fn, task.objective,
             [nn.layer_name(i) for i in task.spec.expand_layers]),
-        "pallas": pallas_loss(self.apply_fn, task.objective),
+        "kernel": on_kernel_masks(train.supervised_loss(
+            make_apply(task.spec, implementation=cfg.matmul), task.objective)),
     }
     self.programs = {}
 
@@ -343,7 +351,7 @@ class Sweep:
                                      batch_size=self.cfg.batch_size, steps=steps,
                                      batch_sharding=self.batch_sharding)
       data_axis = 0 if self.task.per_run_data else None
-      loss_args = 0 if loss == "plain" else 1  # dropconnect: keep; pallas: kernel masks
+      loss_args = 0 if loss == "plain" else 1  # dropconnect: keep; kernel: kernel masks
       in_axes = (0, data_axis, data_axis, 0) + (0,) * loss_args
       self.programs[loss, steps] = jax.jit(jax.vmap(chunk, in_axes=in_axes), donate_argnums=0)
     return self.programs[loss, steps]
@@ -399,9 +407,8 @@ class Sweep:
       runs = [(split, i) for split in cfg.fpe_splits for i in everyone]
       state = self.init_states([self.expand(unstack_tree(warm, i), split, alpha, i)
                                 for split, i in runs], step=cfg.warmup_steps)
-      loss, loss_args = "plain", ()
-      if cfg.matmul == "pallas":
-        loss, loss_args = "pallas", (kernel_masks(state.masks),)
+      kernel = kernel_masks(state.masks, cfg.matmul)
+      loss, loss_args = ("plain", ()) if kernel is None else ("kernel", (kernel,))
       state = self.run_phase(f"h{width}_alpha{alpha}", state, [i for _, i in runs], total, loss,
                          loss_args)
       for split in cfg.fpe_splits:
