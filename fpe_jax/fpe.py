@@ -27,6 +27,11 @@ Splits (how a parent's incoming edges are shared out):
   support, the same count a disjoint child would get, so children overlap and some of
   the parent's inputs are dropped.
 
+Any MLP's params tree works, not only `nn.init_mlp`'s: layers are addressed by their
+paths in the tree (`nn.layer_paths`: `("dense_0",)`, a Flax linen `("Dense_0",)`, an NNX
+`("layers", 0)`), with weight / bias leaves named `w` / `b` or Flax's `kernel` / `bias`.
+Hidden layer i is the output of the i-th dense layer in forward order, read by the next.
+
 This is a one-time host-side transformation (numpy, exact), not a traced function.
 """
 
@@ -41,6 +46,7 @@ from fpe_jax import nn
 SPLITS = ("random", "clause", "feature", "overlap")
 BIAS_MODES = ("copy", "split", "zero")
 BUDGET_MODES = ("global", "per_layer")
+Layer = str | int | nn.LayerPath  # a top-level layer name or a layer's path in the tree
 
 
 def expand(
@@ -55,14 +61,16 @@ def expand(
     clause_signs: np.ndarray | None = None,
     bias: str = "copy",
     budget: str = "global",
+    layers: Sequence[Layer] | None = None,
 ) -> tuple[nn.Params, nn.Masks]:
   """Splits hidden layer(s) into `alpha` children per neuron at the same non-zero count.
 
   Args:
-    params: an MLP (`nn.init_mlp` layout), one model (no stacked axis).
+    params: an MLP, one model (no stacked axis): `nn.init_mlp`'s layout or any nested
+      dict of dense layers (a Flax linen or NNX params dict).
     masks: its mask tree.
-    layer: hidden layer index (0 = output of `dense_0`), or several, all expanded under
-      one budget.
+    layer: hidden layer index (0 = output of the first dense layer, `dense_0`), or
+      several, all expanded under one budget.
     alpha: children per parent, >= 2.
     split: one of `SPLITS`.
     key: PRNG key for the random parts of the split.
@@ -75,45 +83,62 @@ def expand(
       pruning compares matrices of different scales: with a wide output layer (e.g. a
       [384, h, 338] head at alpha 4) the copied outgoing weights are larger than the
       incoming ones and the prune can empty the incoming matrix; use "per_layer" there.
+    layers: the model's dense layers in forward order, as top-level names or paths
+      (`["fc1", "fc2"]`, `[("layers", 0), ("layers", 1)]`); default `nn.layer_paths`.
 
   Returns:
     (params, masks) with `count_nonzero` exactly equal to the input's.
   """
-  layers = [layer] if isinstance(layer, int | np.integer) else list(layer)
-  n_hidden = len(params) - 1
-  if not layers or any(not 0 <= int(hid) < n_hidden for hid in layers):
+  paths = _layer_paths(params, layers)
+  hidden = [layer] if isinstance(layer, int | np.integer) else list(layer)
+  n_hidden = len(paths) - 1
+  if not hidden or any(not 0 <= int(hid) < n_hidden for hid in hidden):
     raise ValueError(f"layer must be in [0, {n_hidden - 1}] (hidden layers), got {layer}")
-  if len(set(layers)) != len(layers):
+  if len(set(hidden)) != len(hidden):
     raise ValueError(f"layer lists a hidden layer twice: {layer}")
   if budget not in BUDGET_MODES:
     raise ValueError(f"budget must be one of {BUDGET_MODES}, got {budget!r}")
   before = nn.count_nonzero(params, masks)
-  original_counts = {
-      name: {leaf: int(np.count_nonzero(nn.dense_mask(m))) for leaf, m in masks[name].items()}
-      for name in masks
-  }
-  for i, hid in enumerate(sorted(layers)):
+  # Sorted by path: the prune concatenates the matrices in this order and breaks ties by
+  # position. The key only makes int and str keys comparable.
+  matrices = sorted({paths[hid + o] for hid in hidden for o in (0, 1)},
+                    key=lambda path: tuple((isinstance(k, str), k) for k in path))
+  original_counts = {path: _support(params, masks, path) for path in matrices}
+  for i, hid in enumerate(sorted(hidden)):
     params, masks = split_neurons(
         params, masks, layer=int(hid), alpha=alpha, split=split,
         key=jax.random.fold_in(key, i), clauses=clauses, clause_signs=clause_signs, bias=bias,
+        layers=paths,
     )
-  matrices = sorted({nn.layer_name(hid + o) for hid in layers for o in (0, 1)})
   if budget == "global":
-    outside = nn.count_nonzero(params, masks) - _count(masks, matrices)
+    outside = nn.count_nonzero(params, masks) - sum(
+        _support(params, masks, path)[0] for path in matrices)
     targets = {tuple(matrices): before - outside}
   else:
     targets = {}
-    for name in matrices:
-      bias_growth = int(np.count_nonzero(masks[name]["b"])) - original_counts[name]["b"]
-      targets[(name,)] = original_counts[name]["w"] - bias_growth
+    for path in matrices:
+      weights, biases = original_counts[path]
+      bias_growth = _support(params, masks, path)[1] - biases
+      targets[(path,)] = weights - bias_growth
   for group, target in targets.items():
     params, masks = restore_budget(params, masks, matrices=list(group), target=target)
   assert nn.count_nonzero(params, masks) == before
   return params, masks
 
 
-def _count(masks: nn.Masks, matrices: Sequence[str]) -> int:
-  return sum(int(np.count_nonzero(nn.dense_mask(masks[name]["w"]))) for name in matrices)
+def _layer_paths(params: nn.Params, layers: Sequence[Layer] | None) -> list[nn.LayerPath]:
+  if layers is None:
+    return nn.layer_paths(params)
+  return [nn.as_layer_path(name) for name in layers]
+
+
+def _support(params: nn.Params, masks: nn.Masks, path: nn.LayerPath) -> tuple[int, int]:
+  """The on-mask counts (weights, biases) of the dense layer at `path`."""
+  layer, layer_mask = nn.get_layer(params, path), nn.get_layer(masks, path)
+  b_key = nn.bias_key(layer)
+  weights = int(np.count_nonzero(nn.dense_mask(layer_mask[nn.weight_key(layer)])))
+  biases = 0 if b_key is None else int(np.count_nonzero(layer_mask[b_key]))
+  return weights, biases
 
 
 def split_neurons(
@@ -127,6 +152,7 @@ def split_neurons(
     clauses: np.ndarray | None = None,
     clause_signs: np.ndarray | None = None,
     bias: str = "copy",
+    layers: Sequence[Layer] | None = None,
 ) -> tuple[nn.Params, nn.Masks]:
   """Step 1 of `expand` for one hidden layer, without restoring the budget.
 
@@ -135,7 +161,8 @@ def split_neurons(
   Returns:
     (params, masks) with hidden layer `layer` alpha times wider.
   """
-  n_hidden = len(params) - 1
+  paths = _layer_paths(params, layers)
+  n_hidden = len(paths) - 1
   if not 0 <= layer < n_hidden:
     raise ValueError(f"layer must be in [0, {n_hidden - 1}] (hidden layers), got {layer}")
   if not isinstance(alpha, int | np.integer) or alpha < 2:
@@ -150,10 +177,16 @@ def split_neurons(
     if clauses is None:
       raise ValueError("split='clause' needs clauses= (the formula's [n_clauses, k] variables)")
 
-  inc, out = nn.layer_name(layer), nn.layer_name(layer + 1)
-  w_in = np.asarray(params[inc]["w"], np.float32)
-  m_in = np.asarray(nn.dense_mask(masks[inc]["w"])) != 0
+  inc, out = nn.get_layer(params, paths[layer]), nn.get_layer(params, paths[layer + 1])
+  inc_mask, out_mask = nn.get_layer(masks, paths[layer]), nn.get_layer(masks, paths[layer + 1])
+  w_key, b_key, out_key = nn.weight_key(inc), nn.bias_key(inc), nn.weight_key(out)
+  w_in = np.asarray(inc[w_key], np.float32)
+  m_in = np.asarray(nn.dense_mask(inc_mask[w_key])) != 0
   d_in, h = w_in.shape
+  if out[out_key].shape[0] != h:
+    raise ValueError(
+        f"layer {nn.format_path(paths[layer + 1])} reads {out[out_key].shape[0]} inputs, "
+        f"{nn.format_path(paths[layer])} gives {h}: name the layers in forward order")
   rng = _numpy_rng(key)
   if split == "clause":
     clauses = np.asarray(clauses)
@@ -185,48 +218,60 @@ def split_neurons(
 
   new_m_in = child_masks.reshape(d_in, h * alpha)
   new_w_in = np.repeat(w_in, alpha, axis=1) * new_m_in
-  b = np.asarray(params[inc]["b"], np.float32)
-  new_b = {"copy": np.repeat(b, alpha), "split": np.repeat(b / alpha, alpha),
-           "zero": np.zeros(h * alpha, np.float32)}[bias]
-  new_mb = np.repeat(np.asarray(nn.dense_mask(masks[inc]["b"])), alpha)
+  new_inc = {**inc, w_key: jnp.asarray(new_w_in)}
+  # The new mask layers list their leaves in the params' order, as the params do.
+  new_inc_mask = {**{k: inc_mask[k] for k in inc}, w_key: jnp.asarray(new_m_in.astype(np.float32))}
+  if b_key is not None:
+    b = np.asarray(inc[b_key], np.float32)
+    new_b = {"copy": np.repeat(b, alpha), "split": np.repeat(b / alpha, alpha),
+             "zero": np.zeros(h * alpha, np.float32)}[bias]
+    new_mb = np.repeat(np.asarray(nn.dense_mask(inc_mask[b_key])), alpha)
+    new_inc[b_key] = jnp.asarray(new_b * new_mb)
+    new_inc_mask[b_key] = jnp.asarray(new_mb.astype(np.float32))
   # Outgoing rows are copied: child j * alpha + c sends what parent j sent.
-  new_w_out = np.repeat(np.asarray(params[out]["w"], np.float32), alpha, axis=0)
-  new_m_out = np.repeat(np.asarray(nn.dense_mask(masks[out]["w"])), alpha, axis=0)
+  new_w_out = np.repeat(np.asarray(out[out_key], np.float32), alpha, axis=0)
+  new_m_out = np.repeat(np.asarray(nn.dense_mask(out_mask[out_key])), alpha, axis=0)
 
-  params, masks = dict(params), dict(masks)
-  params[inc] = {"w": jnp.asarray(new_w_in), "b": jnp.asarray(new_b * new_mb)}
-  masks[inc] = {"w": jnp.asarray(new_m_in.astype(np.float32)),
-                "b": jnp.asarray(new_mb.astype(np.float32))}
-  params[out] = {"w": jnp.asarray(new_w_out * new_m_out), "b": params[out]["b"]}
-  masks[out] = {"w": jnp.asarray(new_m_out.astype(np.float32)), "b": masks[out]["b"]}
+  params = nn.set_layer(params, paths[layer], new_inc)
+  masks = nn.set_layer(masks, paths[layer], new_inc_mask)
+  params = nn.set_layer(params, paths[layer + 1],
+                        {**out, out_key: jnp.asarray(new_w_out * new_m_out)})
+  masks = nn.set_layer(masks, paths[layer + 1], {
+      **{k: out_mask[k] for k in out}, out_key: jnp.asarray(new_m_out.astype(np.float32))})
   return params, masks
 
 
 def restore_budget(
-    params: nn.Params, masks: nn.Masks, *, matrices: Sequence[str], target: int
+    params: nn.Params, masks: nn.Masks, *, matrices: Sequence[Layer], target: int
 ) -> tuple[nn.Params, nn.Masks]:
   """Magnitude-prunes the weight matrices `matrices` to exactly `target` non-zeros in all.
 
-  The smallest |w| on-mask entries go first; ties are broken by position (a stable
-  sort), so the count is exact even when copied weights are equal.
+  `matrices` names dense layers (top-level names or paths, as `expand`'s `layers`). The
+  smallest |w| on-mask entries go first; ties are broken by position (a stable sort over
+  the matrices in the order given), so the count is exact even when copied weights are
+  equal.
   """
-  flat_w = np.concatenate([np.abs(np.asarray(params[n]["w"])).ravel() for n in matrices])
-  flat_m = np.concatenate([np.asarray(nn.dense_mask(masks[n]["w"])).ravel() != 0
-                           for n in matrices])
+  paths = [nn.as_layer_path(name) for name in matrices]
+  layers = [nn.get_layer(params, path) for path in paths]
+  keys = [nn.weight_key(layer) for layer in layers]
+  flat_w = np.concatenate([np.abs(np.asarray(layer[k])).ravel()
+                           for layer, k in zip(layers, keys, strict=True)])
+  flat_m = np.concatenate([np.asarray(nn.dense_mask(nn.get_layer(masks, path)[k])).ravel() != 0
+                           for path, k in zip(paths, keys, strict=True)])
   excess = int(flat_m.sum()) - target
   if excess < 0 or target < 0:
     raise ValueError(f"cannot prune {matrices} to {target} non-zeros: they hold {flat_m.sum()}")
   on = np.flatnonzero(flat_m)
   prune = on[np.argsort(flat_w[on], kind="stable")[:excess]]
   flat_m[prune] = False
-  params, masks = dict(params), dict(masks)
   offset = 0
-  for name in matrices:
-    shape = params[name]["w"].shape
+  for path, layer, k in zip(paths, layers, keys, strict=True):
+    shape = layer[k].shape
     m = flat_m[offset:offset + int(np.prod(shape))].reshape(shape)
     offset += m.size
-    masks[name] = {**masks[name], "w": jnp.asarray(m.astype(np.float32))}
-    params[name] = {**params[name], "w": jnp.asarray(np.asarray(params[name]["w"]) * m)}
+    masks = nn.set_layer(masks, path,
+                         {**nn.get_layer(masks, path), k: jnp.asarray(m.astype(np.float32))})
+    params = nn.set_layer(params, path, {**layer, k: jnp.asarray(np.asarray(layer[k]) * m)})
   return params, masks
 
 
