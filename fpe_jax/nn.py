@@ -53,7 +53,7 @@ def layer_paths(params: Mapping) -> list[LayerPath]:
   A dense layer is a dict holding a 2-D weight `w` (fpe_jax) or `kernel` (Flax), and
   optionally a bias `b` / `bias`. `init_mlp`'s layout gives `[("dense_0",), ...]`, a Flax
   linen MLP's `variables["params"]` `[("Dense_0",), ("Dense_1",), ...]`, an NNX MLP with
-  an `nnx.List` of `nnx.Linear` (`nnx.state(model, nnx.Param).to_pure_dict()`)
+  an `nnx.List` of `nnx.Linear` (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`)
   `[("layers", 0), ("layers", 1), ...]`. Paths are put in natural order (`Dense_2` before
   `Dense_10`, integers numerically); a tree whose names do not sort in forward order
   needs its layers named explicitly (`fpe.expand(..., layers=...)`).
