@@ -75,15 +75,20 @@ flags.DEFINE_enum("activation", "leaky_relu", cnn.ACTIVATIONS, "Activation (GAL 
 flags.DEFINE_integer("num_members", 3, "Ensemble members M.")
 flags.DEFINE_list("methods", ["independent", "gal", "adp", "trs", "ncen"],
                   f"Training losses to compare, from {list(ensemble.LOSSES)}.")
-flags.DEFINE_float("lam_dir", 1.0, "NCEn: weight of mean pairwise gradient cosine.")
-flags.DEFINE_float("lam_mag", 1.0, "NCEn: weight of the gradient-magnitude correlation.")
-flags.DEFINE_float("lam_ncl", 0.0, "NCEn: weight of the Liu-Yao term (unbounded below).")
-flags.DEFINE_float("gal_lam", 0.5, "GAL weight.")
-flags.DEFINE_float("adp_alpha", 2.0, "ADP entropy weight.")
-flags.DEFINE_float("adp_beta", 0.5, "ADP log-det weight.")
-flags.DEFINE_float("trs_coeff", 2.0, "TRS weight of mean |cos|.")
-flags.DEFINE_float("trs_lam", 2.0, "TRS weight of the gradient smoothness term.")
-flags.DEFINE_float("trs_scale", 1.0, "TRS overall regulariser scale.")
+# The loss weights: flags named as ensemble.LossConfig's fields, with its defaults.
+LOSS_WEIGHT_FLAGS = {
+    "lam_dir": "NCEn: weight of mean pairwise gradient cosine.",
+    "lam_mag": "NCEn: weight of the gradient-magnitude correlation.",
+    "lam_ncl": "NCEn: weight of the Liu-Yao term (unbounded below).",
+    "gal_lam": "GAL weight.",
+    "adp_alpha": "ADP entropy weight.",
+    "adp_beta": "ADP log-det weight.",
+    "trs_coeff": "TRS weight of mean |cos|.",
+    "trs_lam": "TRS weight of the gradient smoothness term.",
+    "trs_scale": "TRS overall regulariser scale.",
+}
+for _name, _help in LOSS_WEIGHT_FLAGS.items():
+  flags.DEFINE_float(_name, getattr(ensemble.DEFAULT_LOSS_CONFIG, _name), _help)
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("train_steps", 2000, "Optimiser steps per ensemble.")
@@ -318,11 +323,8 @@ def config_from_flags() -> Config:
                       clean_eval_size=FLAGS.clean_eval_size, n_eval=FLAGS.n_eval,
                       eval_batch_size=FLAGS.eval_batch_size),
       model=model,
-      loss=ensemble.LossConfig(
-          lam_dir=FLAGS.lam_dir, lam_mag=FLAGS.lam_mag, lam_ncl=FLAGS.lam_ncl,
-          gal_lam=FLAGS.gal_lam, adp_alpha=FLAGS.adp_alpha, adp_beta=FLAGS.adp_beta,
-          trs_coeff=FLAGS.trs_coeff, trs_lam=FLAGS.trs_lam, trs_scale=FLAGS.trs_scale,
-          member_map=member_map),
+      loss=ensemble.LossConfig(**{name: FLAGS[name].value for name in LOSS_WEIGHT_FLAGS},
+                               member_map=member_map),
       train=TrainConfig(methods=tuple(FLAGS.methods), num_members=members, optimizer="adam",
                         learning_rate=FLAGS.learning_rate, batch_size=FLAGS.batch_size,
                         train_steps=FLAGS.train_steps, chunk_steps=FLAGS.chunk_steps),

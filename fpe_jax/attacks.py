@@ -287,7 +287,11 @@ def mim(objective: Objective, x: jax.Array, labels: jax.Array, *, eps: float, st
 def make_attack(attack: str, objective: Objective, *, eps: float, steps: int = 50,
                 step_size: float | None = None, decay: float = 1.0,
                 random_start: bool = True) -> AttackFn:
-  """A uniform (x, labels, key) -> x_adv attack; FGSM and MIM ignore the key."""
+  """A uniform (x, labels, key) -> x_adv attack; FGSM and MIM ignore the key.
+
+  eps, steps and step_size may be traced (one compiled attack for every budget); see
+  `fgsm`, `pgd` and `mim` for the others.
+  """
   validate(eps=eps, attack=attack, steps=steps)
   if attack == "fgsm":
     return lambda x, labels, key: fgsm(objective, x, labels, eps)
@@ -321,6 +325,7 @@ def robust_mask(predictor: Predictor, attack_fn: AttackFn, x: jax.Array, labels:
   Returns:
     [B] bool: correct on x and on the first `restarts` adversarial inputs.
   """
+  validate(restarts=restarts)
   restarts = keys.shape[0] if restarts is None else restarts
 
   def restart(carry, key):

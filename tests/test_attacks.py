@@ -289,6 +289,10 @@ def test_bad_arguments_raise_one_line_errors():
     attacks.ensemble_objective(linear_apply, stacked, "member", member=2)
   with pytest.raises(ValueError, match="steps=0 must be >= 1"):
     attacks.make_attack("pgd", objective(params, "ce"), eps=0.1, steps=0)
+  with pytest.raises(ValueError, match="restarts=0 must be >= 1"):
+    pgd = attacks.make_attack("pgd", objective(params, "ce"), eps=0.1, steps=1)
+    attacks.robust_mask(predictor(params), pgd, points(0, 2), jnp.zeros(2, jnp.int32),
+                        jax.random.split(jax.random.key(0), 2), restarts=0)
   with pytest.raises(ValueError, match="choices must name at least one"):
     attacks.objective_table(linear_apply, stacked, [])
   with pytest.raises(ValueError, match=r"member=None must be an index"):

@@ -1,4 +1,5 @@
-"""The NCEn binary end to end, in subprocesses: bad flags, a tiny run, refusal, resume."""
+"""The NCEn binary end to end, in subprocesses: bad flags, a tiny run, refusal, resume, and
+the same training on a `data` x `member` mesh of 8 fake CPU devices."""
 
 import json
 import os
@@ -16,18 +17,35 @@ TINY = ["--dataset=mnist5k", "--width=2", "--hidden=8", "--num_members=2", "--me
         "--steps_check=1", "--run_name=tiny"]
 
 
-def _env():
+def _env(devices=1):
   # No persistent compile cache: the one flaky failure seen here was with it, so each run
   # compiles afresh, as a user's would.
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)  # one device, like a user's laptop run
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
 
 
-def _run(args, workdir):
+def _run(args, workdir, devices=1):
   return subprocess.run([sys.executable, "-m", "experiments.ncen", f"--workdir={workdir}",
-                         *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         *args], cwd=ROOT, env=_env(devices), capture_output=True, text=True,
                         timeout=600)
+
+
+def _training_records(run):
+  return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+          if "step" in r]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """The tiny run on one device: (its workdir, the subprocess result, its training records
+  as first written)."""
+  workdir = tmp_path_factory.mktemp("one_device")
+  result = _run(TINY, workdir)
+  records = _training_records(workdir / "ncen" / "tiny") if result.returncode == 0 else None
+  return workdir, result, records
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -38,6 +56,9 @@ def _run(args, workdir):
     (["--attack_losses=hinge"], "--attack_losses"),
     (["--num_members=1", "--methods=independent,gal"], "--num_members"),
     (["--eval_batch_size=7"], "--eval_batch_size"),
+    (["--member_devices=2"], "--member_devices"),  # one device
+    (["--data_devices=3"], "--data_devices"),
+    (["--n_eval=2000"], "--n_eval"),  # more than the 1,000 test images
 ])
 def test_bad_flags_fail_on_one_line_and_write_nothing(tmp_path, args, flag):
   workdir = tmp_path / "runs"
@@ -68,11 +89,15 @@ def test_failed_check_is_flagged_when_found_at_the_end_and_in_results(tmp_path):
   assert result.stderr.count(warning) == 2  # when ncen's evaluation ends, and at the end
 
 
-def test_tiny_run_then_refuse_then_resume(tmp_path):
-  run = tmp_path / "ncen" / "tiny"
-  first = _run(TINY, tmp_path)
+def test_tiny_run_then_refuse_then_resume(tiny_run):
+  workdir, first, _ = tiny_run
   assert first.returncode == 0, first.stderr[-3000:]
+  run = workdir / "ncen" / "tiny"
   results = json.loads((run / "results.json").read_text())
+  assert results["config"]["mesh"] == {"data": 1, "member": 1}
+  assert results["config"]["loss"]["member_map"] == "unroll"  # auto, on one CPU device
+  assert results["config"]["attack"]["objectives"] == [
+      {"target": "ensemble", "loss": "ce", "member": None}]
   ncen = results["methods"]["ncen"]
   assert set(ncen["checks"]["passed"]) >= {"large_eps_accuracy_near_zero",
                                            "pgd_not_weaker_than_fgsm",
@@ -85,18 +110,34 @@ def test_tiny_run_then_refuse_then_resume(tmp_path):
   assert (run / "plots" / "transfer_matrices.png").exists()
   assert "ncen" in (run / "table.txt").read_text()
 
-  again = _run(TINY, tmp_path)
+  again = _run(TINY, workdir)
   assert again.returncode != 0 and "is finished" in again.stderr
 
   # Unfinished run: training resumes from its final checkpoints, evaluation is redone.
   (run / "results.json").unlink()
   shutil.rmtree(run / "evals")
-  resumed = _run(TINY, tmp_path)
+  resumed = _run(TINY, workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "(resuming)" in resumed.stdout and "train ncen" not in resumed.stdout
   again_results = json.loads((run / "results.json").read_text())
   assert _without_timings(again_results["methods"]) == _without_timings(results["methods"])
-  steps = [(r["method"], r["step"]) for r in map(json.loads,
-                                                 (run / "metrics.jsonl").read_text().splitlines())
-           if "step" in r]
+  steps = [(r["method"], r["step"]) for r in _training_records(run)]
   assert len(steps) == len(set(steps)) == 4  # surrogate and ncen, two chunks each
+
+
+def test_eight_devices_data_by_member_mesh_trains_as_one_device(tmp_path, tiny_run):
+  """8 fake devices, members over `member` (2), each minibatch over `data` (8 / 2 = 4)."""
+  _, first, want = tiny_run
+  assert first.returncode == 0, first.stderr[-3000:]
+  result = _run(TINY + ["--member_devices=2"], tmp_path, devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "mesh: data 4 x member 2 (cpu), members applied by vmap" in result.stdout
+  run = tmp_path / "ncen" / "tiny"
+  config = json.loads((run / "results.json").read_text())["config"]
+  assert config["mesh"] == {"data": 4, "member": 2}
+  got = _training_records(run)
+  assert [(r["method"], r["step"]) for r in got] == [(r["method"], r["step"]) for r in want]
+  for g, w in zip(got, want, strict=True):
+    for name in ("loss", "ce", "cosine", "grad_norm"):
+      if name in w:
+        assert g[name] == pytest.approx(w[name], rel=1e-4, abs=1e-6), (g, w)
