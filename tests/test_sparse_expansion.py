@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fpe_jax import sparse
+from fpe_jax import experts, sparse
 from fpe_jax import sparse_expansion as se
 from fpe_jax.metrics import wasserstein_to_gaussian
 from fpe_jax.models import llama
@@ -83,11 +83,11 @@ def test_sequential_calibration_sees_compressed_earlier_blocks(setup):
   np.testing.assert_allclose(seen[1], np.asarray(x1).reshape(-1, 64), rtol=1e-4, atol=1e-5)
   # Block 0's FFN is SparseGPT on the Hessian of its calibration inputs.
   want, _ = sparse.sparsegpt(b0["w_gate"], sparse.hessian_from_inputs(seen[0]), sparsity=0.5)
-  np.testing.assert_allclose(ffns[0]["w_gate"]["w"][0], want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ffns[0]["w_gate"].w[0], want, rtol=1e-5, atol=1e-6)
   # Held-out perplexity = a full forward with the compressed weights substituted.
   pruned = jax.tree.map(lambda a: a, params)
   for name in se.FFN_MATRICES:
-    pruned["blocks"][name] = jnp.stack([ffns[i][name]["w"][0] for i in range(2)])
+    pruned["blocks"][name] = jnp.stack([ffns[i][name].w[0] for i in range(2)])
   np.testing.assert_allclose(result.perplexity, llama.perplexity(CFG, pruned, held_out),
                              rtol=1e-4)
 
@@ -100,25 +100,27 @@ def test_expert_ffn_matches_per_token_reference(setup):
   cfg = se.CompressionConfig(method="sparse_expansion", sparsity=0.5, num_experts=3,
                              pca_components=4, kmeans_restarts=2, kmeans_iters=10)
   ffn, info = se.compress_ffn_experts(jax.random.key(3), block, x, cfg)
-  assert ffn["w_gate"]["w"].shape == (3, 64, 128) and ffn["w_down"]["w"].shape == (3, 128, 64)
+  assert ffn["w_gate"].w.shape == (3, 64, 128) and ffn["w_down"].w.shape == (3, 128, 64)
+  assert ffn["w_gate"].mask.shape == (3, 64, 128)
+  assert ffn["w_up"].router is ffn["w_gate"].router  # gate and up share one router
   ids_in = np.asarray(info["ids_in"])
   # Routing the calibration tokens reproduces their k-means clusters.
-  np.testing.assert_array_equal(np.asarray(se.cluster.route(ffn["router_in"], x)), ids_in)
+  np.testing.assert_array_equal(np.asarray(experts.route(ffn["w_gate"], x)), ids_in)
   w = jax.tree.map(np.asarray, ffn)
   xn = np.asarray(x, np.float64)
   rows = np.arange(128)
-  g = np.einsum("td,tdf->tf", xn, w["w_gate"]["w"][ids_in])
-  u = np.einsum("td,tdf->tf", xn, w["w_up"]["w"][ids_in])
+  g = np.einsum("td,tdf->tf", xn, w["w_gate"].w[ids_in])
+  u = np.einsum("td,tdf->tf", xn, w["w_up"].w[ids_in])
   inter = g / (1 + np.exp(-g)) * u
-  ids_mid = np.asarray(se.cluster.route(ffn["router_mid"], jnp.asarray(inter, jnp.float32)))
-  ref = [inter[t] @ w["w_down"]["w"][ids_mid[t]] for t in rows]
+  ids_mid = np.asarray(experts.route(ffn["w_down"], jnp.asarray(inter, jnp.float32)))
+  ref = [inter[t] @ w["w_down"].w[ids_mid[t]] for t in rows]
   np.testing.assert_allclose(jax.jit(se.ffn_apply)(ffn, x), np.stack(ref), rtol=1e-4,
                              atol=1e-4)
   # Each expert is SparseGPT of the dense weights on its own cluster's Hessian.
   for k in range(3):
     want, _ = sparse.sparsegpt(block["w_up"], sparse.hessian_from_inputs(x[ids_in == k]),
                                sparsity=0.5)
-    np.testing.assert_allclose(ffn["w_up"]["w"][k], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ffn["w_up"].w[k], want, rtol=1e-4, atol=1e-5)
 
 
 def test_neuron_selection_prunes_only_selected_neurons(setup):
@@ -131,10 +133,13 @@ def test_neuron_selection_prunes_only_selected_neurons(setup):
   sel = info["w_up"]
   wd = np.asarray(wasserstein_to_gaussian(x @ block["w_up"]))
   assert set(sel) == set(np.argsort(wd)[-13:])  # ceil(0.1 * 128) highest WD
-  w = np.asarray(ffn["w_up"]["w"][0])
+  w, mask = np.asarray(ffn["w_up"].w[0]), np.asarray(ffn["w_up"].mask[0])
+  assert ffn["w_up"].router is None
   rest = np.setdiff1d(np.arange(128), sel)
   np.testing.assert_array_equal(w[:, rest], np.asarray(block["w_up"])[:, rest])
+  assert np.all(mask[:, rest] == 1) and np.all(w[mask == 0] == 0)
   assert np.mean(w[:, sel] == 0) == pytest.approx(0.9, abs=0.01)
+  assert np.mean(mask[:, sel] == 0) == pytest.approx(0.9, abs=0.01)
 
 
 def test_bad_configs_name_the_argument():
@@ -148,19 +153,50 @@ def test_bad_configs_name_the_argument():
     se.check_calibration_size(100, 8)
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--sparsities=1.2"], "--sparsities"),
-    (["--n_m=4:2"], "--n_m"),
-    (["--num_experts=64", "--calib_windows=1", "--calib_window=64"], "--num_experts"),
-    (["--model_path=/nonexistent/model.gguf"], "--model_path"),
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("binary, args, flag", [
+    ("sparse_expansion", ["--sparsities=1.2"], "--sparsities"),
+    ("sparse_expansion", ["--n_m=4:2"], "--n_m"),
+    ("sparse_expansion", ["--num_experts=64", "--calib_windows=1", "--calib_window=64"],
+     "--num_experts"),
+    ("sparse_expansion", ["--model_path=/nonexistent/model.gguf"], "--model_path"),
+    ("sparse_expansion", ["--layers=0,x"], "--layers"),
+    ("wasserstein", ["--num_experts=64", "--calib_windows=1", "--calib_window=64"],
+     "--num_experts"),
+    ("wasserstein", ["--layers=-1"], "--layers"),
 ])
-def test_binary_bad_input_exits_with_one_line_and_writes_nothing(tmp_path, args, flag):
+def test_binary_bad_input_exits_with_one_line_and_writes_nothing(tmp_path, binary, args, flag):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.sparse_expansion", f"--workdir={tmp_path}", *args],
-      capture_output=True, text=True, env=env, timeout=120,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      [sys.executable, "-m", f"experiments.{binary}", f"--workdir={tmp_path}", *args],
+      capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
   assert proc.returncode != 0
   lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
   assert flag in lines[-1], proc.stderr
   assert list(tmp_path.iterdir()) == []
+
+
+CONFIG = """
+import sys
+from absl import flags
+from experiments import common, llm_setup
+binary = sys.argv[1]
+module = __import__("experiments." + binary, fromlist=["config_from_flags"])
+flags.FLAGS(["b", "--flagfile=experiments/flags/" + binary + "_quick.flags"])
+record = common.config_record(module.config_from_flags())
+assert record["setup"]["calib_windows"] == 16 and record["setup"]["layers"] == list(range(6))
+owned = common.resolved_flags("experiments." + binary)
+assert "--calib_windows=16" in owned and "--seed=0" in owned, owned  # shared flags are its own
+print(sorted(record))
+"""
+
+
+@pytest.mark.parametrize("binary", ["sparse_expansion", "wasserstein"])
+def test_config_is_read_once_and_shared_flags_belong_to_the_binary(binary):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  proc = subprocess.run([sys.executable, "-c", CONFIG, binary], capture_output=True,
+                        text=True, env=env, timeout=120, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "setup" in proc.stdout
