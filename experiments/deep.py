@@ -16,6 +16,7 @@ standardised with the training set's mean and std (fashion_mnist.PIXEL_MEAN / PI
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 from absl import flags
@@ -126,13 +127,8 @@ def load_tasks(cfg: Config) -> dict:
   return tasks
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
-  common.maybe_initialize_distributed()
-  cfg = config_from_flags()
-  fpe_sweep.run_all("deep", __name__, cfg, lambda: load_tasks(cfg))
-
+main = functools.partial(fpe_sweep.real_data_main, "deep", __name__, config_from_flags,
+                         load_tasks)
 
 if __name__ == "__main__":
   common.run(main)

@@ -14,6 +14,7 @@ their mean ± std over seeds, the gain over dense and the equivalent dense size.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 from absl import flags
@@ -131,13 +132,8 @@ def load_tasks(cfg: Config) -> dict:
   return out
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
-  common.maybe_initialize_distributed()
-  cfg = config_from_flags()
-  fpe_sweep.run_all("embeddings", __name__, cfg, lambda: load_tasks(cfg))
-
+main = functools.partial(fpe_sweep.real_data_main, "embeddings", __name__, config_from_flags,
+                         load_tasks)
 
 if __name__ == "__main__":
   common.run(main)

@@ -720,21 +720,28 @@ def real_data_tasks(tasks: Mapping[str, tuple[ModelSpec, TaskData, dict]],
   return [Task(name, spec, data, runs(name)) for name, (spec, data, _) in tasks.items()]
 
 
-def run_all(experiment: str, module_name: str, config, load_tasks: Callable[[], dict]) -> dict:
-  """A real-data binary: loads its tasks, runs the sweep, writes results.json and plots.
+def real_data_main(experiment: str, module_name: str, config_from_flags: Callable,
+                   load_tasks: Callable, argv: Sequence[str]) -> dict:
+  """The main of a real-data binary (bind the first four arguments, pass to common.run).
 
   Args:
     experiment: the binary's name (run directory folder).
     module_name: the binary's module (for flags.txt).
-    config: the binary's frozen config (into results.json); `config.sweep` the sweep.
-    load_tasks: () -> {task name: (ModelSpec, TaskData, info dict)}; it runs before the
-      run directory is opened, so missing data fails before anything is written.
+    config_from_flags: () -> the binary's frozen config (into results.json), whose
+      `sweep` is the sweep.
+    load_tasks: config -> {task name: (ModelSpec, TaskData, info dict)}; it runs before
+      the run directory is opened, so missing data fails before anything is written.
+    argv: the command line left after the flags (must be empty).
 
   Returns:
-    The results dict (as written).
+    The results dict (as written to results.json, beside the plots).
   """
+  if len(argv) > 1:
+    raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
+  common.maybe_initialize_distributed()
+  config = config_from_flags()
   t0 = time.perf_counter()
-  tasks = load_tasks()
+  tasks = load_tasks(config)
   print(f"data ready in {time.perf_counter() - t0:.0f} s ({len(jax.devices())} devices)",
         flush=True)
   t0 = time.perf_counter()
