@@ -34,6 +34,7 @@ import numpy as np
 from fpe_jax import experts, sparse
 from fpe_jax.metrics import wasserstein_to_gaussian
 from fpe_jax.models import llama
+from kernels_pallas import implementations
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "sparse_expansion")
 NEURON_SELECTIONS = ("all", "wasserstein", "random", "mean", "variance", "weight_norm")
@@ -63,9 +64,10 @@ class CompressionConfig:
       columns), chosen by this criterion (top scores; `random` draws them), the rest stays
       dense; `all` prunes every neuron. For the Wasserstein-neuron ablation.
     neuron_fraction: share of neurons pruned when neuron_selection is not `all`.
-    expert_matmul: routed expert apply, one of fpe_jax.experts.IMPLEMENTATIONS (`xla`
-      and `auto`: the tiled grouped apply on CPU, `lax.ragged_dot` elsewhere; `pallas`:
-      the Pallas expert matmul, with block metadata built from the experts' masks).
+    expert_matmul: routed expert apply, one of kernels_pallas.implementations' vocabulary
+      (fpe_jax.experts.IMPLEMENTATIONS): `xla` the grouped XLA apply (tiled on CPU,
+      `lax.ragged_dot` elsewhere); `pallas` the Pallas expert matmul, with block metadata
+      built from the experts' masks; `auto` `pallas` on TPU / GPU, `xla` on CPU.
     expert_batch_size: experts pruned together (vmapped) per step of
       fpe_jax.experts.prune_experts' compiled map; 1 keeps memory at one expert's.
   """
@@ -378,8 +380,9 @@ def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
 
   Returns:
     (ffn, info): ffn = {"w_gate"|"w_up"|"w_down": experts.ExpertBank with w, mask [K, d_in,
-    d_out] (and the host-built block_mask for expert_matmul `pallas`)}, w_gate and w_up
-    sharing the router fitted on x, w_down with the router fitted on the intermediate;
+    d_out] (and the host-built block_mask where expert_matmul resolves to `pallas`)}, w_gate
+    and w_up sharing the router fitted on x, w_down with the router fitted on the
+    intermediate;
     info = {"ids_in", "ids_mid": [tokens] expert ids,
     "inter": [tokens, d_ff] the intermediate the down router was fitted on}.
 
@@ -403,6 +406,7 @@ def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
   down, ids_mid = experts.expand_linear(key_mid, block["w_down"], inter, k, **router_kw,
                                         **prune_kw)
   ffn = {"w_gate": gate, "w_up": up, "w_down": down}
-  if cfg.expert_matmul == "pallas":
+  # Kernel metadata only where the kernel will run ("pallas", or "auto" on TPU / GPU).
+  if implementations.resolve_implementation(cfg.expert_matmul) == "pallas":
     ffn = {name: experts.with_block_mask(bank) for name, bank in ffn.items()}
   return ffn, {"ids_in": ids_in, "ids_mid": ids_mid, "inter": inter}

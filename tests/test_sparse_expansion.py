@@ -19,6 +19,7 @@ from fpe_jax import experts, sparse
 from fpe_jax import sparse_expansion as se
 from fpe_jax.metrics import wasserstein_to_gaussian
 from fpe_jax.models import llama
+from kernels_pallas.block_sparse import BlockSparseMask
 
 BATCH = 3
 CFG = llama.LlamaConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -121,6 +122,24 @@ def test_expert_ffn_matches_per_token_reference(setup):
     want, _ = sparse.sparsegpt(block["w_up"], sparse.hessian_from_inputs(x[ids_in == k]),
                                sparsity=0.5)
     np.testing.assert_allclose(ffn["w_up"].w[k], want, rtol=1e-4, atol=1e-5)
+
+
+def test_pallas_expert_matmul_gets_block_masks_and_matches_xla(setup):
+  params, _, _ = setup
+  block = llama.block_params(params, 0)
+  x = jax.random.normal(jax.random.key(2), (128, 64))
+  cfg = dict(method="sparse_expansion", sparsity=0.5, num_experts=3, pca_components=4,
+             kmeans_restarts=2, kmeans_iters=10)
+  auto, _ = se.compress_ffn_experts(jax.random.key(3), block, x, se.CompressionConfig(**cfg))
+  assert all(bank.block_mask is None for bank in auto.values())  # "auto" is XLA on CPU
+  kernel, _ = se.compress_ffn_experts(jax.random.key(3), block, x,
+                                      se.CompressionConfig(**cfg, expert_matmul="pallas"))
+  assert all(isinstance(bank.block_mask, BlockSparseMask) for bank in kernel.values())
+  # The Pallas expert matmul (interpret mode on CPU; the banks jitted as they are) gives the
+  # XLA apply's FFN output.
+  apply = jax.jit(se.ffn_apply, static_argnums=2)
+  np.testing.assert_allclose(apply(kernel, x, "pallas"), apply(auto, x, "xla"), rtol=1e-4,
+                             atol=1e-4)
 
 
 def test_neuron_selection_prunes_only_selected_neurons(setup):
