@@ -10,9 +10,10 @@ restarted run skips those. results.json holds the config (the flags as read, onc
 `config_from_flags`), the rows, the table and the caveats; plots/ holds perplexity vs K per
 sparsity and the methods side by side.
 
-PRNG streams: the calibration windows are drawn from --seed (fpe_jax.data.austen); every
-configuration's pipeline starts from the same key `jax.random.key(--seed)`, split once per
-compressed block (fpe_jax.sparse_expansion.run_pipeline: k-means seeding).
+PRNG streams: the calibration windows are drawn by `numpy.random.default_rng(--seed)`
+(fpe_jax.data.austen.random_windows); every configuration's pipeline starts from the same
+key `jax.random.key(--seed)`, split once per compressed block
+(fpe_jax.sparse_expansion.run_pipeline: k-means seeding).
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ expert_weighted_wasserstein, of the experts and of the dense weights on the same
 over all neurons and over the Wasserstein neurons (top --neuron_fraction by dense WD).
 
 The flags are read once, by `config_from_flags`; results.json holds that config. PRNG
-streams: the calibration windows are drawn from --seed (fpe_jax.data.austen); every run's
-pipeline starts from the same key `jax.random.key(--seed)`, split once per compressed block
+streams: the calibration windows are drawn by `numpy.random.default_rng(--seed)`
+(fpe_jax.data.austen.random_windows); every run's pipeline starts from the same key
+`jax.random.key(--seed)`, split once per compressed block
 (fpe_jax.sparse_expansion.run_pipeline: random neuron selections, k-means seeding).
 """
 
