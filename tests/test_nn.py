@@ -83,3 +83,30 @@ def test_apply_masks_zeroes_off_mask_entries():
   masks["dense_0"]["w"] = jnp.zeros((4, 3)).at[1, 2].set(1.0)
   out = nn.apply_masks(params, masks)
   assert int(jnp.count_nonzero(out["dense_0"]["w"])) == 1
+
+
+def test_layer_paths_in_natural_order_in_any_tree():
+  layer = lambda d_in, d_out: {"kernel": jnp.ones((d_in, d_out)), "bias": jnp.zeros(d_out)}
+  linen = {f"Dense_{i}": layer(3, 3) for i in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9)}
+  assert nn.layer_paths(linen) == [(f"Dense_{i}",) for i in range(11)]
+  nnx_like = {"layers": {1: layer(4, 2), 0: layer(5, 4)}, "scale": jnp.ones(2)}
+  assert nn.layer_paths(nnx_like) == [("layers", 0), ("layers", 1)]
+  assert nn.layer_paths(nn.init_mlp(jax.random.key(0), [3, 4, 5])) == [("dense_0",), ("dense_1",)]
+  with pytest.raises(ValueError, match="layers/0 .* and layers/1 .* do not chain"):
+    nn.layer_paths({"layers": {0: layer(5, 4), 1: layer(3, 2)}})
+  with pytest.raises(ValueError, match="no dense layer"):
+    nn.layer_paths({"embedding": jnp.ones((4, 2))})
+
+
+def test_mask_helpers_take_nested_flax_style_trees():
+  params = {"layers": {0: {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}}}
+  masks = {"layers": {0: {"kernel": jnp.eye(2, 3), "bias": jnp.array([1.0, 0.0, 1.0])}}}
+  out = nn.apply_masks(params, masks)
+  np.testing.assert_array_equal(out["layers"][0]["kernel"], [[0, 0, 0], [0, 4, 0]])
+  np.testing.assert_array_equal(out["layers"][0]["bias"], [1, 0, 1])
+  assert nn.count_nonzero(params, masks) == 2 + 2
+  bad = {"layers": {0: {**masks["layers"][0], "bias": jnp.ones(2)}}}
+  with pytest.raises(ValueError, match="mask of layers/0/bias has shape"):
+    nn.count_nonzero(params, bad)
+  moved = nn.set_layer(params, ("layers", 0), {"kernel": jnp.zeros((2, 3))})
+  assert "bias" not in nn.get_layer(moved, ("layers", 0)) and "bias" in params["layers"][0]
