@@ -15,15 +15,18 @@ TINY = ["--d=12", "--k=3", "--clauses=3", "--neurons=4", "--alphas=2",
         "--batch_size=32", "--warmup_steps=100", "--steps=1200", "--chunk_steps=100"]
 
 
-def _env():
+def _env(devices=1):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)  # one device, like a user's laptop run
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
 
 
-def _run(args, workdir, **kw):
+def _run(args, workdir, devices=1, **kw):
   return subprocess.run([sys.executable, "-m", "experiments.boolean", f"--workdir={workdir}",
-                         *args], cwd=ROOT, env=_env(), capture_output=True, text=True, **kw)
+                         *args], cwd=ROOT, env=_env(devices), capture_output=True, text=True,
+                        **kw)
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -33,6 +36,10 @@ def _run(args, workdir, **kw):
     (["--d=8", "--k=9"], "--k"),
     (["--flagfile=experiments/flags/no_such.flags"], "no_such.flags"),
     (["--steps=1050"], "--steps"),
+    (["--warmup_steps=150"], "--warmup_steps"),
+    (["--schedule=step"], "--schedule_boundaries"),
+    (["--weight_decay=-1"], "--weight_decay"),
+    (["--matmul=triton"], "--matmul"),
 ])
 def test_bad_flags_fail_on_one_line_and_write_nothing(tmp_path, args, flag):
   workdir = tmp_path / "runs"
@@ -82,6 +89,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
   # flags.txt holds this binary's resolved flags and is re-usable as a flagfile.
   flags_txt = (clean_dir / "boolean" / "tiny" / "flags.txt").read_text().splitlines()
   assert set(TINY) <= set(flags_txt) and "--bias=copy" in flags_txt
+  # results.json records the config the flags were read into.
+  config = _results_without_flags(clean_dir, "tiny")["config"]
+  assert config["clauses"] == [3] and config["sweep"]["widths"] == [4]
+  assert config["sweep"]["arms"] == ["dense", "random", "clause"]
 
   # A finished run is not overwritten silently.
   before = (clean_dir / "boolean" / "tiny" / "results.json").read_text()
@@ -105,3 +116,20 @@ def test_pallas_matmul_trains_like_xla(tmp_path):
     assert a["accuracy"]["per_seed"] == pytest.approx(b["accuracy"]["per_seed"], abs=1e-6)
     assert a["capacity"]["mean"] == pytest.approx(b["capacity"]["mean"], rel=1e-4)
 
+
+
+def test_data_parallel_over_8_devices_gives_the_1_device_numbers(tmp_path):
+  """On a multi-device host each minibatch is split over the `data` mesh axis."""
+  args = TINY + ["--splits=dense,random", "--steps=200", "--run_name=tiny"]
+  points = {}
+  for devices in (1, 8):
+    run = _run(args, tmp_path / str(devices), devices=devices, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = _results_without_flags(tmp_path / str(devices), "tiny")
+    assert results["devices"] == devices
+    points[devices] = results["points"]
+  for a, b in zip(points[1], points[8], strict=True):
+    assert (a["split"], a["nonzero"]) == (b["split"], b["nonzero"])
+    # All-reduced gradients sum in another order: equal up to float rounding.
+    assert a["accuracy"]["mean"] == pytest.approx(b["accuracy"]["mean"], abs=0.02)
+    assert a["capacity"]["mean"] == pytest.approx(b["capacity"]["mean"], rel=1e-3)
