@@ -29,6 +29,9 @@ except the larger dense models that measure the "equivalent dense size"):
 All runs of a task (seeds; for Boolean every clause count x seed) that train the same
 phase are stacked on a leading run axis and trained by one jitted, vmapped
 `train.make_train_chunk` program, through the checkpointed `common.train_phase`.
+With `SweepConfig.matmul` resolving to the Pallas kernel, the FPE phases multiply through
+block-sparse kernel masks built once per phase (`kernel_masks`) and passed to the loss as
+an argument; the state and its checkpoints keep the plain 0/1 masks.
 
 PRNG streams, by name (every key derives from --seed with `fold_in`):
 - run key: `Run.key`, set by the binary: `fold_in(key(seed), s)` for seed s on real data,
@@ -356,8 +359,8 @@ class Sweep:
       self.programs[loss, steps] = jax.jit(jax.vmap(chunk, in_axes=in_axes), donate_argnums=0)
     return self.programs[loss, steps]
 
-  def run_phase(self, phase: str, state: train.TrainState, runs: Sequence[int], end_step: int,
-            loss: str = "plain", loss_args=()) -> train.TrainState:
+  def run_phase(self, phase: str, state: train.TrainState, runs: Sequence[int],
+                end_step: int, loss: str = "plain", loss_args=()) -> train.TrainState:
     """Trains the run-stacked `state` of `runs` (indices into task.runs) to `end_step`."""
     first = int(state.step[0])
     steps = min(self.cfg.chunk_steps, end_step - first)  # a warm-up may be one short chunk
@@ -398,7 +401,7 @@ class Sweep:
       runs = [(a, i) for a in cfg.alphas for i in everyone]
       keep = jnp.asarray([1.0 / a for a, _ in runs], jnp.float32)
       state = self.run_phase(f"h{width}_dropconnect", select(warm, [i for _, i in runs]),
-                         [i for _, i in runs], total, "dropconnect", (keep,))
+                             [i for _, i in runs], total, "dropconnect", (keep,))
       for alpha in cfg.alphas:
         idx = [j for j, (a, _) in enumerate(runs) if a == alpha]
         records += self.evaluate(select(state, idx), everyone, width, arm="dropconnect",
@@ -409,8 +412,8 @@ class Sweep:
                                 for split, i in runs], step=cfg.warmup_steps)
       kernel = kernel_masks(state.masks, cfg.matmul)
       loss, loss_args = ("plain", ()) if kernel is None else ("kernel", (kernel,))
-      state = self.run_phase(f"h{width}_alpha{alpha}", state, [i for _, i in runs], total, loss,
-                         loss_args)
+      state = self.run_phase(f"h{width}_alpha{alpha}", state, [i for _, i in runs], total,
+                             loss, loss_args)
       for split in cfg.fpe_splits:
         idx = [j for j, (sp, _) in enumerate(runs) if sp == split]
         records += self.evaluate(select(state, idx), everyone, width, arm=split, alpha=alpha)
@@ -441,22 +444,25 @@ class Sweep:
       return data.x_test[r], np.asarray(data.y_test[r])
     return data.x_test, data.y_test
 
+  def accuracy(self, params, masks, x_test, y_test) -> float:
+    """Fraction of `x_test: [n, ...]` classified as `y_test: [n]`, in slices of `eval_batch`."""
+    batch, correct = self.cfg.eval_batch, 0
+    for begin in range(0, len(y_test), batch):
+      predicted = np.asarray(self.predict(params, masks, x_test[begin:begin + batch]))
+      correct += int(np.sum(predicted == y_test[begin:begin + batch]))
+    return correct / len(y_test)
+
   def evaluate(self, state: train.TrainState, runs: Sequence[int], width: int, *, arm: str,
                alpha: int, head_width: int | None = None) -> list[dict]:
     """Test accuracy, non-zeros and interference metrics of each run of a stacked state."""
     records = []
     for j, r in enumerate(runs):
       params, masks = unstack_tree(state.params, j), unstack_tree(state.masks, j)
-      x_test, y_test = self.test_data(r)
-      correct = 0
-      for begin in range(0, len(y_test), self.cfg.eval_batch):
-        predicted = self.predict(params, masks, x_test[begin:begin + self.cfg.eval_batch])
-        correct += int(np.sum(np.asarray(predicted) == y_test[begin:begin + self.cfg.eval_batch]))
       run = self.task.runs[r]
       records.append({
           **run.labels, "width": width, "arm": arm, "alpha": alpha,
           "head_width": head_width or width * (1 if arm in ("dense", "dropconnect") else alpha),
-          "accuracy": correct / len(y_test),
+          "accuracy": self.accuracy(params, masks, *self.test_data(r)),
           "nonzero": nn.count_nonzero(params, masks),
           **layer_metrics(params, masks, self.task.spec.expand_layers),
           **(run.extra_metrics(params, masks) if run.extra_metrics else {}),
