@@ -3,9 +3,10 @@
   python scripts/compare_results.py BEFORE_DIR AFTER_DIR
 
 Each DIR is a `--workdir`: every `<experiment>/<run_name>/results.json` under BEFORE_DIR
-is compared with the same path under AFTER_DIR. Wall-clock figures (keys naming seconds,
-rates or tokens/s) and the run's own record of its flags and config are left out; every
-other number must be bit-identical. Prints one line per run and exits 1 on any difference.
+is compared with the same path under AFTER_DIR. Measurements of the machine (keys naming
+seconds, rates, tokens/s or memory) and the run's own record of its flags and config are
+left out, and paths inside each workdir are compared relative to it; every other value
+must be bit-identical. Prints one line per run and exits 1 on any difference.
 """
 
 import glob
@@ -14,19 +15,26 @@ import os
 import sys
 
 IGNORED_KEYS = ("flags", "config")
-TIMING_WORDS = ("second", "per_s", "rate", "elapsed", "wall")
+MEASUREMENT_WORDS = ("second", "per_s", "rate", "elapsed", "wall", "rss")
 
 
-def _is_timing(key: str) -> bool:
-  return any(word in key.lower() for word in TIMING_WORDS)
+def _is_measurement(key: str) -> bool:
+  return any(word in key.lower() for word in MEASUREMENT_WORDS)
+
+
+def _load(path: str, workdir: str):
+  """A results.json with the workdir's absolute path replaced by `<workdir>`."""
+  with open(path) as f:
+    text = f.read()
+  return json.loads(text.replace(os.path.abspath(workdir), "<workdir>"))
 
 
 def differences(before, after, path: str = "") -> list[str]:
-  """The paths at which two JSON values differ (timing keys and IGNORED_KEYS skipped)."""
+  """The paths at which two JSON values differ (measurements and IGNORED_KEYS skipped)."""
   if isinstance(before, dict) and isinstance(after, dict):
     out = []
     for key in sorted(set(before) | set(after)):
-      if key in IGNORED_KEYS or _is_timing(key):
+      if key in IGNORED_KEYS or _is_measurement(key):
         continue
       if key not in before or key not in after:
         out.append(f"{path}/{key}: only in {'after' if key in after else 'before'}")
@@ -54,8 +62,7 @@ def main(before_dir: str, after_dir: str) -> int:
       print(f"MISSING {rel}")
       failed = True
       continue
-    with open(before_path) as f, open(after_path) as g:
-      diff = differences(json.load(f), json.load(g))
+    diff = differences(_load(before_path, before_dir), _load(after_path, after_dir))
     print(f"{'IDENTICAL' if not diff else 'DIFFERENT'} {rel}"
           + "".join(f"\n  {d}" for d in diff[:20]))
     failed |= bool(diff)
