@@ -8,25 +8,17 @@ import sys
 import time
 
 import pytest
+from binaries import ROOT, assert_refused, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d=12", "--k=3", "--clauses=3", "--neurons=4", "--alphas=2",
         "--splits=dense,random,clause", "--seeds=2", "--train_size=256", "--test_size=256",
         "--batch_size=32", "--warmup_steps=100", "--steps=1200", "--chunk_steps=100"]
 
 
-def _env(devices=1):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)  # one device, like a user's laptop run
-  if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
-
-
 def _run(args, workdir, devices=1, **kw):
   return subprocess.run([sys.executable, "-m", "experiments.boolean", f"--workdir={workdir}",
-                         *args], cwd=ROOT, env=_env(devices), capture_output=True, text=True,
-                        **kw)
+                         *args], cwd=ROOT, env=subprocess_env(devices), capture_output=True,
+                        text=True, **kw)
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -43,12 +35,7 @@ def _run(args, workdir, devices=1, **kw):
 ])
 def test_bad_flags_fail_on_one_line_and_write_nothing(tmp_path, args, flag):
   workdir = tmp_path / "runs"
-  result = _run(TINY + args, workdir)
-  assert result.returncode != 0
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1, result.stderr
-  assert lines[0].startswith("error: ") and flag in lines[0], lines[0]
-  assert not workdir.exists()
+  assert_refused(_run(TINY + args, workdir), flag, workdir)
 
 
 def _results_without_flags(workdir, name):
@@ -63,7 +50,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
   log = killed_dir / "boolean" / "tiny" / "metrics.jsonl"
   args = TINY + ["--run_name=tiny"]
   proc = subprocess.Popen([sys.executable, "-m", "experiments.boolean",
-                           f"--workdir={killed_dir}", *args], cwd=ROOT, env=_env(),
+                           f"--workdir={killed_dir}", *args], cwd=ROOT, env=subprocess_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   # Kill once the FPE phase (after warm-up and dense) has logged a few chunks.

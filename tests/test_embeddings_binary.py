@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from binaries import assert_refused
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--tasks=sentiment", "--max_rows=240", "--widths=4", "--alphas=2",
@@ -64,11 +65,7 @@ def test_tiny_run_resume_and_refusal(tmp_path):
     (["--arms=dense,magic"], "--arms"),
 ])
 def test_bad_flags(tmp_path, args, flag):
-  result = _run(args, tmp_path)
-  assert result.returncode != 0
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and flag in lines[0], result.stderr
-  assert not (tmp_path / "runs").exists()
+  assert_refused(_run(args, tmp_path), flag, tmp_path / "runs")
 
 
 def test_missing_data_package(tmp_path):

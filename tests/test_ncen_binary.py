@@ -2,14 +2,13 @@
 the same training on a `data` x `member` mesh of 8 fake CPU devices."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+from binaries import ROOT, assert_refused, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset=mnist5k", "--width=2", "--hidden=8", "--num_members=2", "--methods=ncen",
         "--batch_size=16", "--train_steps=4", "--chunk_steps=2", "--eps=0.3", "--large_eps=1.0",
         "--n_eval=20", "--eval_batch_size=20", "--clean_eval_size=100", "--targets=ensemble",
@@ -17,20 +16,10 @@ TINY = ["--dataset=mnist5k", "--width=2", "--hidden=8", "--num_members=2", "--me
         "--steps_check=1", "--run_name=tiny"]
 
 
-def _env(devices=1):
-  # No persistent compile cache: the one flaky failure seen here was with it, so each run
-  # compiles afresh, as a user's would.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)  # one device, like a user's laptop run
-  if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
-
-
 def _run(args, workdir, devices=1):
   return subprocess.run([sys.executable, "-m", "experiments.ncen", f"--workdir={workdir}",
-                         *args], cwd=ROOT, env=_env(devices), capture_output=True, text=True,
-                        timeout=600)
+                         *args], cwd=ROOT, env=subprocess_env(devices), capture_output=True,
+                        text=True, timeout=600)
 
 
 def _training_records(run):
@@ -62,12 +51,7 @@ def tiny_run(tmp_path_factory):
 ])
 def test_bad_flags_fail_on_one_line_and_write_nothing(tmp_path, args, flag):
   workdir = tmp_path / "runs"
-  result = _run(TINY + args, workdir)
-  assert result.returncode != 0
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1, result.stderr
-  assert lines[0].startswith("error: ") and flag in lines[0], lines[0]
-  assert not workdir.exists()
+  assert_refused(_run(TINY + args, workdir), flag, workdir)
 
 
 def _without_timings(tree):
