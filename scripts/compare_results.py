@@ -15,11 +15,13 @@ import os
 import sys
 
 IGNORED_KEYS = ("flags", "config")
-MEASUREMENT_WORDS = ("second", "per_s", "rate", "elapsed", "wall", "rss")
+MEASUREMENT_KEYS = ("seconds", "elapsed", "wall")
+MEASUREMENT_SUFFIXES = ("_seconds", "_per_s", "_per_second", "_rss_mb", "_wall_s")
 
 
 def _is_measurement(key: str) -> bool:
-  return any(word in key.lower() for word in MEASUREMENT_WORDS)
+  """Exact names and suffixes only: `per_seed` or `learning_rate` are figures, not timings."""
+  return key in MEASUREMENT_KEYS or key.endswith(MEASUREMENT_SUFFIXES)
 
 
 def _load(path: str, workdir: str):
