@@ -1,8 +1,9 @@
-"""What every experiment binary shares: the run directory, flag errors, progress, JSON.
+"""What every experiment binary shares: the run directory, the checkpointed phase loop
+(`train_phase`), flag errors, list parsers, config records, progress lines, atomic JSON.
 
-Run directory (architecture.md): `<workdir>/<experiment>/<run_name>/` holding
+Run directory (WORKSPACE.md): `<workdir>/<experiment>/<run_name>/` holding
   flags.txt      the resolved flags of this binary, re-usable as a --flagfile;
-  metrics.jsonl  one JSON object per logged step;
+  metrics.jsonl  one JSON object per trained chunk (or other logged unit of work);
   results.json   the final figures (written last, atomically: its presence means done);
   plots/*.png;
   checkpoints/   orbax checkpoints, for resume.
