@@ -64,10 +64,10 @@ class CompressionConfig:
       columns), chosen by this criterion (top scores; `random` draws them), the rest stays
       dense; `all` prunes every neuron. For the Wasserstein-neuron ablation.
     neuron_fraction: share of neurons pruned when neuron_selection is not `all`.
-    expert_matmul: routed expert apply, one of kernels_pallas.implementations' vocabulary
-      (fpe_jax.experts.IMPLEMENTATIONS): `xla` the grouped XLA apply (tiled on CPU,
-      `lax.ragged_dot` elsewhere); `pallas` the Pallas expert matmul, with block metadata
-      built from the experts' masks; `auto` `pallas` on TPU / GPU, `xla` on CPU.
+    expert_matmul: routed expert apply, one of kernels_pallas.implementations.IMPLEMENTATIONS:
+      `xla` the grouped XLA apply (tiled on CPU, `lax.ragged_dot` elsewhere); `pallas` the
+      Pallas expert matmul, with block metadata built from the experts' masks; `auto`
+      `pallas` on TPU / GPU, `xla` on CPU.
     expert_batch_size: experts pruned together (vmapped) per step of
       fpe_jax.experts.prune_experts' compiled map; 1 keeps memory at one expert's.
   """
@@ -106,9 +106,9 @@ class CompressionConfig:
       raise ValueError(f"neuron_fraction={self.neuron_fraction} must be in (0, 1]")
     if self.neuron_selection != "all" and self.method == "sparse_expansion":
       raise ValueError("neuron_selection applies to single-model methods, not sparse_expansion")
-    if self.expert_matmul not in experts.IMPLEMENTATIONS:
-      raise ValueError(
-          f"expert_matmul={self.expert_matmul!r} must be one of {experts.IMPLEMENTATIONS}")
+    if self.expert_matmul not in implementations.IMPLEMENTATIONS:
+      raise ValueError(f"expert_matmul={self.expert_matmul!r} must be one of "
+                       f"{implementations.IMPLEMENTATIONS}")
     if not isinstance(self.expert_batch_size, int) or self.expert_batch_size < 1:
       raise ValueError(f"expert_batch_size={self.expert_batch_size!r} must be an int >= 1")
 
@@ -395,8 +395,17 @@ def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
                    max_iters=cfg.kmeans_iters)
   prune_kw = dict(sparsity=cfg.sparsity, n_m=cfg.n_m, damp=cfg.damp, block_size=cfg.block_size,
                   expert_batch_size=cfg.expert_batch_size)
+  # Kernel metadata only where the kernel will run ("pallas", or "auto" on TPU / GPU), and
+  # before any apply: the compressed intermediate below runs gate and up through it.
+  pallas = implementations.resolve_implementation(cfg.expert_matmul) == "pallas"
+
+  def attach(bank: experts.ExpertBank) -> experts.ExpertBank:
+    return experts.with_block_mask(bank) if pallas else bank
+
   gate, ids_in = experts.expand_linear(key_in, block["w_gate"], x, k, **router_kw, **prune_kw)
-  up = experts.build_experts(block["w_up"], x, ids_in, k, router=gate.router, **prune_kw)
+  gate = attach(gate)
+  up = attach(experts.build_experts(block["w_up"], x, ids_in, k, router=gate.router,
+                                    **prune_kw))
   if cfg.dense_within_block:
     inter = llama.swiglu(x @ block["w_gate"], x @ block["w_up"])
   else:
@@ -405,8 +414,5 @@ def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
         experts.apply_expert_linear(up, x, ids_in, implementation=cfg.expert_matmul))
   down, ids_mid = experts.expand_linear(key_mid, block["w_down"], inter, k, **router_kw,
                                         **prune_kw)
-  ffn = {"w_gate": gate, "w_up": up, "w_down": down}
-  # Kernel metadata only where the kernel will run ("pallas", or "auto" on TPU / GPU).
-  if implementations.resolve_implementation(cfg.expert_matmul) == "pallas":
-    ffn = {name: experts.with_block_mask(bank) for name, bank in ffn.items()}
+  ffn = {"w_gate": gate, "w_up": up, "w_down": attach(down)}
   return ffn, {"ids_in": ids_in, "ids_mid": ids_mid, "inter": inter}

@@ -124,17 +124,23 @@ def test_expert_ffn_matches_per_token_reference(setup):
     np.testing.assert_allclose(ffn["w_up"].w[k], want, rtol=1e-4, atol=1e-5)
 
 
-def test_pallas_expert_matmul_gets_block_masks_and_matches_xla(setup):
+@pytest.mark.parametrize("dense_within_block", [True, False])
+def test_pallas_expert_matmul_gets_block_masks_and_matches_xla(setup, dense_within_block):
   params, _, _ = setup
   block = llama.block_params(params, 0)
   x = jax.random.normal(jax.random.key(2), (128, 64))
   cfg = dict(method="sparse_expansion", sparsity=0.5, num_experts=3, pca_components=4,
-             kmeans_restarts=2, kmeans_iters=10)
-  auto, _ = se.compress_ffn_experts(jax.random.key(3), block, x, se.CompressionConfig(**cfg))
+             kmeans_restarts=2, kmeans_iters=10, dense_within_block=dense_within_block)
+  auto, auto_info = se.compress_ffn_experts(jax.random.key(3), block, x,
+                                            se.CompressionConfig(**cfg))
   assert all(bank.block_mask is None for bank in auto.values())  # "auto" is XLA on CPU
-  kernel, _ = se.compress_ffn_experts(jax.random.key(3), block, x,
-                                      se.CompressionConfig(**cfg, expert_matmul="pallas"))
+  # Without dense_within_block, down_proj is calibrated on the intermediate of the
+  # compressed gate / up, which runs them through the kernel: they need their block masks
+  # before that apply, not only once the FFN is complete.
+  kernel, kernel_info = se.compress_ffn_experts(
+      jax.random.key(3), block, x, se.CompressionConfig(**cfg, expert_matmul="pallas"))
   assert all(isinstance(bank.block_mask, BlockSparseMask) for bank in kernel.values())
+  np.testing.assert_allclose(kernel_info["inter"], auto_info["inter"], rtol=1e-4, atol=1e-5)
   # The Pallas expert matmul (interpret mode on CPU; the banks jitted as they are) gives the
   # XLA apply's FFN output.
   apply = jax.jit(se.ffn_apply, static_argnums=2)
