@@ -19,9 +19,9 @@ import numpy as np
 from absl import flags
 
 from experiments import common
-from fpe_jax import experts
 from fpe_jax import sparse_expansion as se
 from fpe_jax.data import austen, gguf_loader
+from kernels_pallas import implementations
 
 # The DEFINEs in `define_flags` are attributed to the module that calls it (the binary),
 # not to this one: absl skips disclaimed modules when it looks for a flag's owner.
@@ -52,7 +52,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("dense_within_block", True,
                     "Calibrate down_proj on the dense gate/up output (the authors' code).")
   flags.DEFINE_float("damp", 0.01, "SparseGPT relative damping.")
-  flags.DEFINE_enum("expert_matmul", "auto", experts.IMPLEMENTATIONS,
+  flags.DEFINE_enum("expert_matmul", "auto", implementations.IMPLEMENTATIONS,
                     "Implementation of the routed expert apply (fpe_jax.experts.apply_experts' "
                     "`implementation`).")
 

@@ -16,10 +16,10 @@ Linears that share a router (e.g. a SwiGLU FFN's gate and up projections) are bu
 `build_experts(..., router=bank.router)` on the first one's ids, and applied with those ids.
 
 `apply_experts(..., implementation=)` takes the one vocabulary of
-kernels_pallas.implementations (IMPLEMENTATIONS here is that tuple): "xla" runs XLA ops,
-"pallas" kernels_pallas.expert_matmul, which skips all-zero weight blocks and needs the
-host-built `BlockSparseMask.from_masks(masks)` as `block_mask` (`with_block_mask`), and
-"auto" is "pallas" on TPU / GPU when a `block_mask` is given, "xla" otherwise.
+kernels_pallas.implementations (its IMPLEMENTATIONS): "xla" runs XLA ops, "pallas"
+kernels_pallas.expert_matmul, which skips all-zero weight blocks and needs the host-built
+`BlockSparseMask.from_masks(masks)` as `block_mask` (`with_block_mask`), and "auto" is
+"pallas" on TPU / GPU when a `block_mask` is given, "xla" otherwise.
 How "xla" multiplies is a separate choice, `xla_strategy=` (XLA_STRATEGIES), by default
 "tiled" on CPU and "ragged_dot" elsewhere:
   "tiled"       tokens sorted by expert into row tiles of `tile_size` (each expert's group
@@ -53,7 +53,6 @@ from kernels_pallas import implementations
 if TYPE_CHECKING:
   from kernels_pallas.block_sparse import BlockSparseMask
 
-IMPLEMENTATIONS = implementations.IMPLEMENTATIONS
 XLA_STRATEGIES = ("tiled", "ragged_dot", "onehot")
 EXPERT_AXIS = "expert"
 # Expert banks: their fields w / mask ([E, d_in, d_out], paths `.../.w`) shard their first
@@ -311,7 +310,8 @@ def apply_experts(
     w: [E, d_in, d_out] expert weights (zero off-mask).
     x: [..., d_in] inputs.
     ids: [...] int expert of each token, in [0, E).
-    implementation: one of IMPLEMENTATIONS (see the module docstring).
+    implementation: one of kernels_pallas.implementations.IMPLEMENTATIONS (see the module
+      docstring).
     block_mask: `kernels_pallas.block_sparse.BlockSparseMask.from_masks(masks)` built once
       on the host from the [E, d_in, d_out] masks; needed by "pallas".
     xla_strategy: how the XLA path multiplies, one of XLA_STRATEGIES; None: "tiled" on

@@ -154,13 +154,13 @@ def test_auto_picks_xla_on_cpu_and_pallas_interprets():
 
 
 def test_one_vocabulary_everywhere():
-  """Kernels, experts and nn share one tuple of implementation names (one definition)."""
-  from fpe_jax import experts
-  from kernels_pallas import block_sparse
+  """Kernels, experts and nn share one tuple of implementation names, under one name."""
+  from fpe_jax import experts, nn
+  from kernels_pallas import block_sparse, expert_matmul
 
   assert implementations.IMPLEMENTATIONS == ("auto", "xla", "pallas")
-  assert block_sparse.IMPLEMENTATIONS is implementations.IMPLEMENTATIONS
-  assert experts.IMPLEMENTATIONS is implementations.IMPLEMENTATIONS
+  for module in (block_sparse, expert_matmul, experts, nn):
+    assert not hasattr(module, "IMPLEMENTATIONS"), module.__name__
 
 
 def test_mask_is_a_pytree_of_data():
