@@ -13,6 +13,7 @@ with the same flags, and refused if the flags differ.
 """
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -31,8 +32,12 @@ from fpe_jax import checkpoint
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", "runs", "Root folder of run directories.")
-flags.DEFINE_string("run_name", None, "Run directory name (default: the experiment name).")
-flags.DEFINE_bool("overwrite", False, "Replace a finished or mismatching run directory.")
+flags.DEFINE_string("run_name", None, "Run directory name, one path component (default: the "
+                    "experiment name).")
+flags.DEFINE_bool("overwrite", False, "Delete a finished or mismatching run directory (its "
+                  "checkpoints, logs and results) and start it again.")
+# Where a run lives is not part of what it computes: resume compares the other flags.
+LOCATION_FLAGS = ("workdir", "run_name", "multihost")
 flags.DEFINE_bool("multihost", False,
                   "Call jax.distributed.initialize() first (multi-host TPU pods / GPU clusters).")
 
@@ -74,6 +79,15 @@ def validate(flag: str, ok: bool, message: str) -> None:
 def flag_validator(name: str, check: Callable, message: str) -> None:
   """absl validator that rejects at parse time, before anything is written."""
   flags.register_validator(name, check, message=f"--{name}: {message}")
+
+
+def _single_component(name: str | None) -> bool:
+  return name is None or (name not in ("", ".", "..") and "/" not in name
+                          and os.sep not in name and "\0" not in name)
+
+
+flag_validator("run_name", _single_component,
+               "must be one folder name (no '/', not '.' or '..'), inside --workdir")
 
 
 def maybe_initialize_distributed() -> None:
@@ -125,13 +139,27 @@ def resolved_flags(module_name: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def scientific_flags(flags_text: str) -> str:
+  """A flags.txt without the flags that only say where the run lives (LOCATION_FLAGS)."""
+  location = set(LOCATION_FLAGS) | {f"no{name}" for name in LOCATION_FLAGS}
+  name = lambda line: line.removeprefix("--").split("=", 1)[0].strip()
+  return "".join(line for line in flags_text.splitlines(keepends=True)
+                 if name(line) not in location)
+
+
 class RunDir:
-  """A run directory: create or resume it, log metrics, write results atomically."""
+  """A run directory: create or resume it, log metrics, write results atomically.
+
+  While a binary runs in it, the run is locked (an flock on `.<run_name>.lock` beside
+  it, released when the process exits): a second command on the same run refuses on
+  one line instead of interleaving its logs and checkpoints with the first's.
+  """
 
   def __init__(self, experiment: str, module_name: str):
     self.path = os.path.join(FLAGS.workdir, experiment, FLAGS.run_name or experiment)
     self.flags_text = resolved_flags(module_name)
     self.resumed = False
+    self._lock_fd = None
 
   @property
   def checkpoints(self) -> str:
@@ -143,24 +171,64 @@ class RunDir:
 
   def open(self) -> "RunDir":
     """Creates the directory, or resumes/refuses an existing one (see module doc)."""
+    self._check_workdir()
+    self._lock()
     flags_file = os.path.join(self.path, "flags.txt")
     if os.path.exists(self.path):
       finished = os.path.exists(os.path.join(self.path, "results.json"))
-      same_flags = read_text(flags_file) == self.flags_text
+      same_flags = (scientific_flags(read_text(flags_file))
+                    == scientific_flags(self.flags_text))
       if FLAGS.overwrite:
-        shutil.rmtree(self.path)
+        self._delete()
       elif finished:
-        raise UsageError(f"run {self.path} is finished; pass --overwrite to replace it")
+        raise UsageError(f"run {self.path} is finished; pass --overwrite to delete it (its "
+                         "checkpoints, logs and results) and run it again, or another "
+                         "--run_name")
       elif not same_flags:
         raise UsageError(
-            f"run {self.path} exists with other flags (see its flags.txt); "
-            "pass --overwrite or another --run_name"
-        )
+            f"run {self.path} exists with other flags (see its flags.txt); pass another "
+            "--run_name, or --overwrite to delete it (its checkpoints, logs and results)")
       else:
         self.resumed = True
     os.makedirs(self.plots, exist_ok=True)
     write_text(flags_file, self.flags_text)
     return self
+
+  def _check_workdir(self) -> None:
+    for folder in (FLAGS.workdir, os.path.dirname(self.path), self.path):
+      if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"--workdir: {folder} is a file, not a folder")
+    try:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    except OSError as e:
+      raise UsageError(f"--workdir: cannot create {os.path.dirname(self.path)}: "
+                       f"{e.strerror}") from None
+
+  def _lock(self) -> None:
+    parent, name = os.path.split(self.path)
+    fd = os.open(os.path.join(parent, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise UsageError(f"--run_name: run {self.path} is in use by another process; wait "
+                       "for it to finish or pass another --run_name") from None
+    self._lock_fd = fd  # held until release() or the process exits
+
+  def release(self) -> None:
+    """Releases the run's lock (a binary need not: its process ending does)."""
+    if self._lock_fd is not None:
+      os.close(self._lock_fd)
+      self._lock_fd = None
+
+  def _delete(self) -> None:
+    """Deletes this run's directory (never anything outside --workdir)."""
+    workdir = os.path.realpath(FLAGS.workdir)
+    target = os.path.realpath(self.path)
+    if os.path.commonpath([workdir, target]) != workdir or target == workdir:
+      raise UsageError(f"--run_name: {self.path} is not inside --workdir={FLAGS.workdir}; "
+                       "refusing to delete it")
+    shutil.rmtree(target)
 
   def resume(self, phase: str, state, *, first_step: int = 0, log_key: str = "phase"):
     """Opens the orbax checkpoints of `phase` and restores the newest one, if any.
@@ -172,14 +240,16 @@ class RunDir:
       log_key: the log field naming the phase.
 
     Returns:
-      (store, state, start): `start` is the step the returned state is at. After a
-      restore, the log records of this phase past `start` are dropped, so a resumed run
-      logs every chunk once.
+      (store, state, start): `start` is the step the returned state is at (the newest
+      checkpoint that restores; a damaged one is skipped, see
+      `checkpoint.Checkpoints.restore_latest`). The log records of this phase past
+      `start` are dropped, so a resumed run logs every chunk once.
     """
     store = checkpoint.Checkpoints(os.path.join(self.checkpoints, phase))
-    start = store.latest_step() or first_step
-    if start > first_step:
-      state = store.restore(start, state)
+    step, restored = store.restore_latest(state)
+    start = first_step
+    if step is not None and step > first_step:
+      state, start = restored, step
     # Chunks are logged before they are saved: a run killed in between logged a chunk that
     # it will train again. Drop it, whether or not a checkpoint was restored.
     self.drop_logs_after(lambda r: r.get(log_key) != phase or r.get("step", 0) <= start)
@@ -194,8 +264,15 @@ class RunDir:
     path = os.path.join(self.path, "metrics.jsonl")
     if not os.path.exists(path):
       return
+    records, unreadable = [], 0
     with open(path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill or a full disk
+          unreadable += bool(line.strip())
+    if unreadable:
+      print(f"warning: {path}: dropped {unreadable} unreadable line(s)", file=sys.stderr)
     write_text(path, "".join(json.dumps(r) + "\n" for r in records if keep(r)))
 
   def write_results(self, results: dict) -> str:

@@ -3,10 +3,13 @@
 Orbax writes each step to a temporary directory and renames it when complete, so a
 process killed mid-save leaves the previous step intact: `latest_step` only ever sees
 finished checkpoints. Saves are made synchronous (`wait_until_finished`) so a step a
-caller has logged as saved is on disk.
+caller has logged as saved is on disk. A step damaged after it was written (a disk
+fault, a hand-edited file) is skipped by `restore_latest`, which falls back to the
+newest step that restores.
 """
 
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,6 +35,21 @@ class Checkpoints:
     """Restores step `step` into the structure, shapes and dtypes of `like`."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+  def restore_latest(self, like) -> tuple[int | None, object]:
+    """The newest step that restores, and its state: (None, like) if none does.
+
+    A step that fails to restore is reported on stderr and skipped, so one damaged
+    checkpoint costs the chunks since the previous one, not the run.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return step, self.restore(step, like)
+      except Exception as e:  # noqa: BLE001 (orbax raises many types for a damaged step)
+        print(f"warning: checkpoint step {step} in {self._manager.directory} does not "
+              f"restore ({type(e).__name__}); falling back to an earlier step",
+              file=sys.stderr)
+    return None, like
 
   def close(self) -> None:
     self._manager.close()

@@ -1,0 +1,99 @@
+"""The run directory under faults and odd input: locks, location-free resume, safe deletes,
+damaged logs and checkpoints (experiments.common, fpe_jax.checkpoint)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+from binaries import ROOT, assert_refused, subprocess_env
+
+from experiments import common
+from fpe_jax import checkpoint
+
+FLAGS = flags.FLAGS
+if not FLAGS.is_parsed():
+  FLAGS.mark_as_parsed()
+
+
+def _open(workdir, run_name="r", **kw):
+  with flagsaver.flagsaver(workdir=str(workdir), run_name=run_name, **kw):
+    return common.RunDir("exp", common.__name__).open()
+
+
+def test_resume_ignores_how_the_workdir_is_spelled(tmp_path):
+  first = _open(tmp_path)
+  assert not first.resumed
+  first.release()  # the first process has ended
+  again = _open(f"{tmp_path}/")
+  assert again.resumed
+  assert common.scientific_flags("--workdir=/x\n--seed=1\n--nomultihost\n") == "--seed=1\n"
+
+
+def test_a_second_process_on_the_same_run_is_refused(tmp_path):
+  held = _open(tmp_path)  # holds the lock, as a running binary does
+  with pytest.raises(common.UsageError, match="in use by another process"):
+    _open(tmp_path)
+  held.release()
+  assert _open(tmp_path).resumed
+
+
+def test_overwrite_never_deletes_outside_the_workdir(tmp_path):
+  outside = tmp_path / "precious"
+  outside.mkdir()
+  (outside / "results.json").write_text("{}")
+  workdir = tmp_path / "runs"
+  (workdir / "exp").mkdir(parents=True)
+  os.symlink(outside, workdir / "exp" / "r")
+  with pytest.raises(common.UsageError, match="not inside --workdir"):
+    _open(workdir, overwrite=True)
+  assert (outside / "results.json").exists()
+
+
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(common.UsageError, match="--workdir: .* is a file"):
+    _open(tmp_path / "file")
+
+
+def test_unreadable_log_lines_are_dropped_with_a_warning(tmp_path, capsys):
+  run = _open(tmp_path)
+  good = [{"phase": "p", "step": 10}, {"phase": "p", "step": 20}]
+  with open(os.path.join(run.path, "metrics.jsonl"), "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in good) + '{"phase": "p", "st')
+  run.drop_logs_after(lambda r: r["step"] <= 10)
+  with open(os.path.join(run.path, "metrics.jsonl")) as f:
+    assert [json.loads(line) for line in f] == good[:1]
+  assert "dropped 1 unreadable line" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_step(tmp_path, capsys):
+  store = checkpoint.Checkpoints(str(tmp_path / "ckpt"))
+  like = {"w": jnp.zeros((3,))}
+  store.save(1, {"w": jnp.ones((3,))})
+  store.save(2, {"w": jnp.full((3,), 2.0)})
+  for root, _, files in os.walk(tmp_path / "ckpt" / "2"):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\0garbage")
+  step, state = store.restore_latest(like)
+  store.close()
+  assert step == 1
+  np.testing.assert_array_equal(state["w"], np.ones(3))
+  assert "checkpoint step 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", ".."])
+def test_run_names_that_leave_the_workdir_are_refused(tmp_path, name):
+  workdir = tmp_path / "runs"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.boolean", f"--workdir={workdir}",
+       f"--run_name={name}", "--steps=10", "--chunk_steps=10", "--warmup_steps=0"],
+      cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert_refused(result, "--run_name", workdir)
+  assert not (tmp_path / "escaped").exists()
