@@ -35,9 +35,6 @@ def feature_capacity(w: jax.Array) -> jax.Array:
   return _safe_divide(jnp.diagonal(gram) ** 2, jnp.sum(gram**2, axis=1))
 
 
-feature_dimensionality = feature_capacity
-
-
 def dimensions_per_feature(w: jax.Array) -> jax.Array:
   """Elhage et al.'s aggregate `d_hidden / ||W||_F^2`: hidden dimensions per feature."""
   return w.shape[1] / jnp.sum(w**2)

@@ -13,9 +13,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "member", "expert")
 
-# Stacked ensembles and expert banks carry their stack axis first (architecture.md).
+# Stacked ensembles carry their member axis first (architecture.md). Expert banks' rules
+# are fpe_jax.experts.EXPERT_BANK_RULES (their w / mask fields only).
 MEMBER_RULES = ((r".*", PartitionSpec("member")),)
-EXPERT_RULES = ((r".*", PartitionSpec("expert")),)
 
 
 def make_mesh(axis_sizes: dict[str, int] | None = None,

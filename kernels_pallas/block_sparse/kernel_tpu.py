@@ -279,6 +279,3 @@ def weight_grad(x_rows, dy_rows, block_slots, block_masks, layout, *, num_groups
       interpret=interpret,
       name="block_sparse_weight_grad",
   )(layout.tile_group, block_slots, x_rows, dy_rows, block_masks)
-
-
-KERNELS = dict(forward=forward, input_grad=input_grad, weight_grad=weight_grad)
