@@ -34,24 +34,27 @@ How "xla" multiplies is a separate choice, `xla_strategy=` (XLA_STRATEGIES), by 
 
 The expert axis shards over the mesh axis `expert` (`expert_shardings`, `shard_experts`);
 `apply_experts_sharded` is the expert-parallel apply: each device multiplies only the
-tokens routed to its own experts, and one psum over `expert` assembles the output.
+tokens routed to its own experts, and one psum over `expert` assembles the output. These
+are for expert-parallel Sparse Expansion on a multi-device host (the K expert prunes and
+the compressed model's apply spread over `expert`); tests/test_experts.py checks them on
+fake CPU devices, and the single-device pipeline (fpe_jax.sparse_expansion) does not use
+them yet.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from fpe_jax import cluster, metrics, sparse
+from fpe_jax import cluster, metrics, sharding, sparse
 from kernels_pallas import implementations
-
-if TYPE_CHECKING:
-  from kernels_pallas.block_sparse import BlockSparseMask
+from kernels_pallas.block_sparse import BlockSparseMask
+from kernels_pallas.expert_matmul import expert_matmul
 
 XLA_STRATEGIES = ("tiled", "ragged_dot", "onehot")
 EXPERT_AXIS = "expert"
@@ -62,7 +65,10 @@ EXPERT_BANK_RULES = ((r"(.*/)?\.(w|mask)", PartitionSpec(EXPERT_AXIS, None, None
 
 
 def expert_partition_spec() -> PartitionSpec:
-  """PartitionSpec of a stacked [E, d_in, d_out] expert bank: experts over `expert`."""
+  """PartitionSpec of a stacked [E, d_in, d_out] expert bank: experts over `expert`.
+
+  For expert-parallel placement and apply (`apply_experts_sharded`'s in_specs).
+  """
   return PartitionSpec(EXPERT_AXIS, None, None)
 
 
@@ -238,9 +244,6 @@ def with_block_mask(bank: ExpertBank, **block_kw) -> ExpertBank:
     bank: an ExpertBank (its masks are read back to the host once).
     **block_kw: `BlockSparseMask.from_masks` options (e.g. block_shape).
   """
-  # Imported here: the library works without the kernels package's backends.
-  from kernels_pallas.block_sparse import BlockSparseMask  # noqa: PLC0415
-
   return bank._replace(block_mask=BlockSparseMask.from_masks(np.asarray(bank.mask), **block_kw))
 
 
@@ -336,9 +339,6 @@ def apply_experts(
   x2 = x.reshape(-1, x.shape[-1])
   ids2 = ids.reshape(-1).astype(jnp.int32)
   if implementation == "pallas":
-    # Imported here: the library works without the kernels package's backends.
-    from kernels_pallas.expert_matmul import expert_matmul
-
     y = expert_matmul(x2, ids2, w, block_mask, implementation="pallas")
     return y.reshape(*lead, w.shape[-1])
   if xla_strategy is None:
@@ -376,19 +376,35 @@ def apply_expert_linear(bank: ExpertBank, x: jax.Array, ids: jax.Array | None = 
 
 
 def expert_shardings(tree, mesh: Mesh):
-  """NamedShardings for a tree holding expert banks: w / mask leaves over `expert`."""
-  from fpe_jax import sharding
+  """NamedShardings for a tree holding expert banks: w / mask leaves over `expert`.
 
+  For placing compressed FFNs expert-parallel (`shard_experts`, or as jit's shardings).
+
+  Args:
+    tree: any pytree holding ExpertBanks (e.g. `{"w_gate": bank, ...}`).
+    mesh: a mesh with an `expert` axis.
+
+  Returns:
+    The tree's structure with a NamedSharding per leaf (EXPERT_BANK_RULES; the rest
+    replicated).
+  """
   return sharding.tree_shardings(tree, mesh, EXPERT_BANK_RULES)
 
 
 def shard_experts(tree, mesh: Mesh):
-  """Places a tree holding expert banks on `mesh` (experts over `expert`, rest replicated)."""
+  """Places a tree holding expert banks on `mesh` (experts over `expert`, rest replicated).
+
+  For expert-parallel Sparse Expansion: each device then holds E / n experts' weights and
+  masks, as `apply_experts_sharded` expects.
+  """
   return jax.device_put(tree, expert_shardings(tree, mesh))
 
 
 def apply_experts_sharded(mesh: Mesh, w: jax.Array, x: jax.Array, ids: jax.Array) -> jax.Array:
   """Expert-parallel `apply_experts`: w sharded [E, ...] over `expert`, tokens replicated.
+
+  For a compressed model whose experts do not fit, or are too slow, on one device; the
+  numbers are `apply_experts`' up to float order.
 
   Each device sorts the tokens routed to its E / n local experts to the front, runs one
   grouped matmul over them (other tokens fall past the groups and give zero rows), and a

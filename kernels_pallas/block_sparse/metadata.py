@@ -228,5 +228,9 @@ jax.tree_util.register_dataclass(
 
 
 def block_density(mask: BlockSparseMask) -> float:
-  """Fraction of blocks that hold a non-zero (host-side; needs concrete arrays)."""
+  """Fraction of blocks that hold a non-zero (host-side; needs concrete arrays).
+
+  The share of the dense matmul's weight blocks the kernel reads and multiplies: for cost
+  reports of compressed models (bytes, expected speed-up) and for choosing a block shape.
+  """
   return float(np.mean(np.asarray(mask.blocks.block_slots) >= 0))
