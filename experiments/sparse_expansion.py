@@ -217,9 +217,10 @@ def main(argv):
       "sparse_expansion", __name__, config.setup)
   progress = common.Progress("sparse_expansion", len(runs), unit="runs")
   t0, rows = time.perf_counter(), []
-  for i, run in enumerate(runs):
-    if run.name in done:
+  for run in runs:
+    if run.name in done:  # restored from a previous run: done, but not in the rate
       rows.append(done[run.name])
+      progress.skip(1)
       continue
     start = time.perf_counter()
     # PRNG: every configuration starts from the same key, jax.random.key(--seed).
@@ -230,7 +231,7 @@ def main(argv):
            "seconds": time.perf_counter() - start}
     run_dir.log(row)
     rows.append(row)
-    progress.update(i + 1, f"{run.name}: ppl {result.perplexity:.2f}")
+    progress.advance(1, f"{run.name}: ppl {result.perplexity:.2f}")
   pats = [p.label for p in config.patterns]
   text = table(rows, pats)
   print(text)

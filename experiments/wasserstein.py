@@ -181,9 +181,10 @@ def main(argv):
   t0, records = time.perf_counter(), {}
   # PRNG: every run starts from the same key, jax.random.key(--seed).
   key = jax.random.key(config.setup.seed)
-  for i, name in enumerate(names):
-    if name in done:
+  for name in names:
+    if name in done:  # restored from a previous run: done, but not in the rate
       records[name] = done[name]
+      progress.skip(1)
       continue
     hook = expansion_hook(config.neuron_fraction) if name == "expansion" else None
     start = time.perf_counter()
@@ -194,7 +195,7 @@ def main(argv):
                      "mean_nll": result.mean_nll, "layers": result.layers,
                      "seconds": time.perf_counter() - start}
     run_dir.log(records[name])
-    progress.update(i + 1, f"{name}: ppl {result.perplexity:.2f}")
+    progress.advance(1, f"{name}: ppl {result.perplexity:.2f}")
   dense_ppl = records["dense"]["perplexity"]
   ablation = [{"criterion": c, "perplexity": records[c]["perplexity"]} for c in config.criteria]
   text = ablation_table(dense_ppl, ablation)
