@@ -46,6 +46,10 @@ class UsageError(Exception):
   """A bad flag or argument: reported as one line naming it, exit status 2."""
 
 
+class DivergedError(Exception):
+  """Training went non-finite: reported as one line naming the phase and step, exit 1."""
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run` with flag and usage errors reported on one line and a non-zero exit."""
 
@@ -61,13 +65,15 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except UsageError as e:
       _fail(str(e))
+    except DivergedError as e:
+      _fail(str(e), status=1)
 
   app.run(guarded, flags_parser=parse)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def validate(flag: str, ok: bool, message: str) -> None:
@@ -346,8 +352,9 @@ def train_phase(run_dir: RunDir, phase: str, state, chunk_fn: Callable, *args,
 
   Resumes `phase` from its newest checkpoint (or starts at `state.step`), then calls
   `state, metrics = chunk_fn(state, *args)` (a jitted `train.make_train_chunk`, vmapped
-  over runs or not) until `end_step`; after each chunk it logs one metrics.jsonl record,
-  saves the state and prints a progress line.
+  over runs or not) until `end_step`; after each chunk it checks that the loss
+  (`metrics["loss"]`) is finite (else `DivergedError`, nothing logged or saved for that
+  chunk), logs one metrics.jsonl record, saves the state and prints a progress line.
 
   Args:
     run_dir: the open run directory.
@@ -380,6 +387,7 @@ def train_phase(run_dir: RunDir, phase: str, state, chunk_fn: Callable, *args,
   t0 = time.perf_counter()
   for step in range(start + chunk_steps, end_step + 1, chunk_steps):
     state, metrics = chunk_fn(state, *args)
+    check_finite(phase, step, metrics["loss"])
     summary = summarize_metrics(metrics)
     run_dir.log({log_key: phase, "step": step, **summary,
                  "seconds": round(time.perf_counter() - t0, 3)})
@@ -389,6 +397,17 @@ def train_phase(run_dir: RunDir, phase: str, state, chunk_fn: Callable, *args,
         f"{k.removesuffix('_mean')} {v:.4f}" for k, v in sorted(means.items())) + "]")
   store.close()
   return state
+
+
+def check_finite(phase: str, step: int, loss) -> None:
+  """Stops a run whose loss went NaN or infinite, before that chunk is logged or saved."""
+  loss = np.asarray(loss)
+  if not np.all(np.isfinite(loss)):
+    runs = np.flatnonzero(~np.isfinite(loss.reshape(-1))).tolist()
+    raise DivergedError(
+        f"phase {phase}: the loss is not finite by step {step}"
+        + (f" (runs {runs})" if loss.ndim else "")
+        + "; the last checkpoint holds the state before it (lower --learning_rate?)")
 
 
 def summarize_metrics(metrics: dict) -> dict:

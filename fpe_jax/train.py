@@ -31,7 +31,8 @@ from fpe_jax import nn
 ApplyFn = Callable[[nn.Params, nn.Masks, jax.Array], jax.Array]
 Objective = Callable[[jax.Array, jax.Array], jax.Array]  # (logits, labels) -> scalar
 Metrics = dict[str, jax.Array]
-# loss_fn(params, masks, x_batch, y_batch, step_key, *loss_args) -> (loss, metrics)
+# loss_fn(params, masks, x_batch, y_batch, step_key, *loss_args) -> (loss, metrics); metrics
+# include "loss" (the phase loop checks it is finite and logs every metric).
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
 TrainChunk = Callable[..., tuple["TrainState", Metrics]]
 

@@ -14,7 +14,7 @@ from absl.testing import flagsaver
 from binaries import ROOT, assert_refused, subprocess_env
 
 from experiments import common
-from fpe_jax import checkpoint
+from fpe_jax import checkpoint, train
 
 FLAGS = flags.FLAGS
 if not FLAGS.is_parsed():
@@ -97,3 +97,20 @@ def test_run_names_that_leave_the_workdir_are_refused(tmp_path, name):
       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert_refused(result, "--run_name", workdir)
   assert not (tmp_path / "escaped").exists()
+
+
+def test_a_non_finite_loss_stops_the_phase_before_it_is_saved(tmp_path):
+  run = _open(tmp_path)
+  state = train.TrainState(params={"w": jnp.zeros((2,))}, opt_state=(),
+                           step=jnp.zeros((2,), jnp.int32))
+
+  def chunk(s):  # two vmapped runs, 5 steps a chunk; the second diverges in the second chunk
+    s = s._replace(step=s.step + 5)
+    return s, {"loss": jnp.where(s.step > 5, jnp.asarray([0.1, jnp.nan]), 0.2)}
+
+  with pytest.raises(common.DivergedError, match=r"not finite by step 10 \(runs \[1\]\)"):
+    common.train_phase(run, "p", state, chunk, end_step=20, chunk_steps=5,
+                       progress=common.Progress("p", 20))
+  with open(os.path.join(run.path, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [5]
+  assert checkpoint.Checkpoints(os.path.join(run.checkpoints, "p")).latest_step() == 5
