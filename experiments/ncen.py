@@ -25,7 +25,8 @@ split over `member`; each training minibatch is split over `data` and the gradie
 all-reduced by XLA; the attacks run on the member-sharded params with whole batches.
 
 PRNG streams, all from key = jax.random.key(--seed) by `fold_in`:
-  fold_in(key, 7)   the permutation of the test split whose first --n_eval points are attacked;
+  fold_in(key, 7)   the permutation of the clean test images (the first --clean_eval_size of
+                    the test split) whose first --n_eval are attacked;
   fold_in(key, 1)   every method's ensemble key (so all methods start from the same members);
   fold_in(key, 2)   the surrogate's ensemble key;
   for an ensemble key k: members are initialised from split(fold_in(k, 0), M), and
@@ -65,8 +66,9 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 flags.DEFINE_enum("dataset", "fashion_mnist", DATASETS, "Image data set.")
 flags.DEFINE_integer("train_size", 0, "Training images used (0: the whole training split).")
-flags.DEFINE_integer("clean_eval_size", 0, "Test images for clean accuracy (0: all).")
-flags.DEFINE_integer("n_eval", 1000, "Test images attacked (a fixed subset).")
+flags.DEFINE_integer("clean_eval_size", 0, "Test images for clean accuracy (0: all); the "
+                     "attacked ones are drawn from them.")
+flags.DEFINE_integer("n_eval", 1000, "Test images attacked (a fixed subset of the clean ones).")
 flags.DEFINE_integer("eval_batch_size", 250, "Images per attack batch; must divide --n_eval.")
 flags.DEFINE_enum("architecture", "small", cnn.ARCHITECTURES, "CNN architecture.")
 flags.DEFINE_integer("width", 32, "Channels of the first conv.")
@@ -108,9 +110,9 @@ flags.DEFINE_integer("mim_steps", 10, "MIM iterations (step eps / steps).")
 flags.DEFINE_float("mim_decay", 1.0, "MIM momentum decay.")
 flags.DEFINE_list("steps_check", ["10"], "Fewer PGD steps compared with --pgd_steps.")
 flags.DEFINE_float("check_tolerance", 0.0, "Slack on the monotonicity checks.")
-flags.DEFINE_enum("member_map", "auto", ("auto",) + ensemble.MEMBER_MAPS,
-                  "How members are applied: vmap, unroll (faster convs on CPU), or auto "
-                  "(unroll on CPU with one member device, else vmap). Same numbers.")
+flags.DEFINE_enum("member_map", None, ensemble.MEMBER_MAPS,
+                  "How members are applied: vmap or unroll (faster convs on CPU); same "
+                  "numbers (default: unroll on CPU with one member device, else vmap).")
 flags.DEFINE_integer("member_devices", 1, "Devices on the mesh axis `member` (shards members).")
 flags.DEFINE_integer("data_devices", 0, "Devices on the mesh axis `data` (splits each training "
                      "minibatch); 0: all devices / --member_devices.")
@@ -150,7 +152,7 @@ class DataConfig:
     dataset: one of DATASETS.
     train_size: training images used (0: the whole training split).
     clean_eval_size: test images for clean accuracy (0: the whole test split).
-    n_eval: test images attacked (the first of a fixed permutation).
+    n_eval: test images attacked (the first of a fixed permutation of the clean ones).
     eval_batch_size: images per evaluation batch; divides n_eval.
   """
   dataset: str
@@ -314,10 +316,8 @@ def config_from_flags() -> Config:
     cnn.validate_config(model)
   except ValueError as e:
     raise common.UsageError(f"--architecture/--activation: {e}") from e
-  member_map = FLAGS.member_map
-  if member_map == "auto":
-    member_map = ("unroll" if jax.default_backend() == "cpu" and FLAGS.member_devices == 1
-                  else "vmap")
+  member_map = FLAGS.member_map or (
+      "unroll" if jax.default_backend() == "cpu" and FLAGS.member_devices == 1 else "vmap")
   return Config(
       data=DataConfig(dataset=FLAGS.dataset, train_size=FLAGS.train_size,
                       clean_eval_size=FLAGS.clean_eval_size, n_eval=FLAGS.n_eval,
@@ -350,14 +350,18 @@ def load_data(config: DataConfig):
     test_set = fashion_mnist.load_fashion_mnist("test")
   else:
     train_set, test_set = mnist5k.load_mnist5k("train"), mnist5k.load_mnist5k("test")
-  common.validate("n_eval", config.n_eval <= len(test_set[1]),
-                  f"{config.n_eval} exceeds the {len(test_set[1])} test images")
   common.validate("train_size", config.train_size <= len(train_set[1]),
                   f"{config.train_size} exceeds the {len(train_set[1])} training images")
+  common.validate("clean_eval_size", config.clean_eval_size <= len(test_set[1]),
+                  f"{config.clean_eval_size} exceeds the {len(test_set[1])} test images")
   if config.train_size:
     train_set = tuple(a[:config.train_size] for a in train_set)
   if config.clean_eval_size:
     test_set = tuple(a[:config.clean_eval_size] for a in test_set)
+  # The attacked points are drawn from the clean test images, so after the cut.
+  common.validate("n_eval", config.n_eval <= len(test_set[1]),
+                  f"{config.n_eval} exceeds the {len(test_set[1])} clean test images it is "
+                  f"drawn from (--clean_eval_size={config.clean_eval_size}; 0: all)")
   return train_set, test_set
 
 
@@ -388,7 +392,9 @@ def train_ensemble(run_dir: common.RunDir, config: Config, phase: str, method: s
   members = config.train.num_members
   optimizer = train.make_optimizer(config.train.optimizer, config.train.learning_rate)
   stacked = ensemble.init_members(init_fn, jax.random.fold_in(key, 0), members)
-  state = train.init_state(ensemble.shard_members(stacked, mesh), optimizer)
+  # The whole state on the mesh, scalars (step, the optimiser's count) replicated: a
+  # checkpoint restores each leaf onto its template's devices.
+  state = sharding.shard_tree(train.init_state(stacked, optimizer), mesh, sharding.MEMBER_RULES)
   loss_fn = ensemble.make_loss(apply_fn, config.loss_config(method), members)
   x, y = train_set
   chunk = jax.jit(train.make_train_chunk(

@@ -1,5 +1,5 @@
 """The NCEn binary end to end, in subprocesses: bad flags, a tiny run, refusal, resume, and
-the same training on a `data` x `member` mesh of 8 fake CPU devices."""
+the same training on a `data` x `member` mesh of 8 fake CPU devices, resumed there too."""
 
 import json
 import shutil
@@ -37,6 +37,19 @@ def tiny_run(tmp_path_factory):
   return workdir, result, records
 
 
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory):
+  """The tiny run on 8 fake devices, members over `member` (2), minibatches over `data` (4):
+  (its workdir, the subprocess result, its training records and results as first written)."""
+  workdir = tmp_path_factory.mktemp("eight_devices")
+  result = _run(TINY + ["--member_devices=2"], workdir, devices=8)
+  run = workdir / "ncen" / "tiny"
+  done = result.returncode == 0
+  records = _training_records(run) if done else None
+  results = json.loads((run / "results.json").read_text()) if done else None
+  return workdir, result, records, results
+
+
 @pytest.mark.parametrize("args, flag", [
     (["--eps=0.1,-0.05"], "--eps"),
     (["--large_eps=-1"], "--large_eps"),
@@ -47,7 +60,11 @@ def tiny_run(tmp_path_factory):
     (["--eval_batch_size=7"], "--eval_batch_size"),
     (["--member_devices=2"], "--member_devices"),  # one device
     (["--data_devices=3"], "--data_devices"),
-    (["--n_eval=2000"], "--n_eval"),  # more than the 1,000 test images
+    (["--clean_eval_size=0", "--n_eval=2000"], "--n_eval"),  # more than the 1,000 test images
+    (["--clean_eval_size=5000"], "--clean_eval_size"),
+    # More than the 100 clean test images the attacked points are drawn from.
+    (["--n_eval=200"], "--n_eval: 200 exceeds the 100 clean test images it is drawn from "
+     "(--clean_eval_size=100"),
 ])
 def test_bad_flags_fail_on_one_line_and_write_nothing(tmp_path, args, flag):
   workdir = tmp_path / "runs"
@@ -79,7 +96,7 @@ def test_tiny_run_then_refuse_then_resume(tiny_run):
   run = workdir / "ncen" / "tiny"
   results = json.loads((run / "results.json").read_text())
   assert results["config"]["mesh"] == {"data": 1, "member": 1}
-  assert results["config"]["loss"]["member_map"] == "unroll"  # auto, on one CPU device
+  assert results["config"]["loss"]["member_map"] == "unroll"  # the default on one CPU device
   assert results["config"]["attack"]["objectives"] == [
       {"target": "ensemble", "loss": "ce", "member": None}]
   ncen = results["methods"]["ncen"]
@@ -109,19 +126,43 @@ def test_tiny_run_then_refuse_then_resume(tiny_run):
   assert len(steps) == len(set(steps)) == 4  # surrogate and ncen, two chunks each
 
 
-def test_eight_devices_data_by_member_mesh_trains_as_one_device(tmp_path, tiny_run):
+def test_eight_devices_data_by_member_mesh_trains_as_one_device(eight_device_run, tiny_run):
   """8 fake devices, members over `member` (2), each minibatch over `data` (8 / 2 = 4)."""
   _, first, want = tiny_run
   assert first.returncode == 0, first.stderr[-3000:]
-  result = _run(TINY + ["--member_devices=2"], tmp_path, devices=8)
+  _, result, got, results = eight_device_run
   assert result.returncode == 0, result.stderr[-3000:]
   assert "mesh: data 4 x member 2 (cpu), members applied by vmap" in result.stdout
-  run = tmp_path / "ncen" / "tiny"
-  config = json.loads((run / "results.json").read_text())["config"]
-  assert config["mesh"] == {"data": 4, "member": 2}
-  got = _training_records(run)
+  assert results["config"]["mesh"] == {"data": 4, "member": 2}
   assert [(r["method"], r["step"]) for r in got] == [(r["method"], r["step"]) for r in want]
   for g, w in zip(got, want, strict=True):
     for name in ("loss", "ce", "cosine", "grad_norm"):
       if name in w:
         assert g[name] == pytest.approx(w[name], rel=1e-4, abs=1e-6), (g, w)
+
+
+def test_eight_devices_killed_after_first_checkpoint_resume_to_the_same_figures(
+    eight_device_run):
+  """Restored leaves land on their template's devices: the step and the optimiser's count
+  too must be on the mesh, or the resumed chunk mixes device sets."""
+  workdir, first, want_records, want = eight_device_run
+  assert first.returncode == 0, first.stderr[-3000:]
+  # The run as a SIGKILL right after its first save leaves it: the surrogate's step-2
+  # checkpoint, and its step-4 chunk logged but not saved (the resume drops that record).
+  run = workdir / "ncen" / "tiny"
+  for path in (run / "results.json", run / "table.txt"):
+    path.unlink()
+  for folder in (run / "evals", run / "checkpoints" / "surrogate" / "4",
+                 run / "checkpoints" / "ncen"):
+    shutil.rmtree(folder)
+  metrics = (run / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in metrics[:2]] == [2, 4]
+  (run / "metrics.jsonl").write_text("\n".join(metrics[:2]) + "\n")
+
+  resumed = _run(TINY + ["--member_devices=2"], workdir, devices=8)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "(resuming)" in resumed.stdout
+  got = json.loads((run / "results.json").read_text())
+  assert _without_timings(got["methods"]) == _without_timings(want["methods"])
+  strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+  assert strip(_training_records(run)) == strip(want_records)
