@@ -35,8 +35,9 @@ import jax.numpy as jnp
 from fpe_jax import ensemble
 
 Params = Any
-ApplyFn = Callable[[Params, jax.Array], jax.Array]
-Objective = Callable[[jax.Array, jax.Array], jax.Array]
+MemberApplyFn = ensemble.MemberApplyFn  # one member's (params, x) -> logits
+# (x [B, ...], labels [B]) -> [B] per-example losses to maximise (not train.Objective).
+AttackObjective = Callable[[jax.Array, jax.Array], jax.Array]
 Predictor = Callable[[jax.Array], jax.Array]
 AttackFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -118,7 +119,7 @@ class ObjectiveChoice(NamedTuple):
     return f"{self.target_label}/{self.loss}"
 
 
-def objective_table(apply_fn: ApplyFn, stacked: Params, choices: Sequence[ObjectiveChoice],
+def objective_table(apply_fn: MemberApplyFn, stacked: Params, choices: Sequence[ObjectiveChoice],
                     member_map: str = "vmap") -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Every objective in `choices` from one forward pass of the members.
 
@@ -159,7 +160,7 @@ def objective_table(apply_fn: ApplyFn, stacked: Params, choices: Sequence[Object
 
 
 def select_objective(table: Callable[[jax.Array, jax.Array], jax.Array],
-                     choice: int | jax.Array) -> Objective:
+                     choice: int | jax.Array) -> AttackObjective:
   """Row `choice` of an `objective_table` as one objective.
 
   `choice` may be traced: one compiled attack then serves every row (the other rows are
@@ -168,9 +169,9 @@ def select_objective(table: Callable[[jax.Array, jax.Array], jax.Array],
   return lambda x, labels: table(x, labels)[choice]
 
 
-def ensemble_objective(apply_fn: ApplyFn, stacked: Params, target: str = "ensemble",
+def ensemble_objective(apply_fn: MemberApplyFn, stacked: Params, target: str = "ensemble",
                        loss: str = "ce", member: int | None = None,
-                       member_map: str = "vmap") -> Objective:
+                       member_map: str = "vmap") -> AttackObjective:
   """The objective for attacking a stacked ensemble through one of its outputs.
 
   Args:
@@ -189,7 +190,7 @@ def ensemble_objective(apply_fn: ApplyFn, stacked: Params, target: str = "ensemb
   return select_objective(table, 0)
 
 
-def ensemble_predictor(apply_fn: ApplyFn, stacked: Params, combine: str = "log_mean_prob",
+def ensemble_predictor(apply_fn: MemberApplyFn, stacked: Params, combine: str = "log_mean_prob",
                        member_map: str = "vmap") -> Predictor:
   """x [B, ...] -> [B, C] ensemble scores."""
   return lambda x: ensemble.ensemble_logits(apply_fn, stacked, x, combine, member_map)
@@ -203,12 +204,12 @@ def project(x_adv: jax.Array, x: jax.Array, eps: float) -> jax.Array:
   return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
 
 
-def input_gradient(objective: Objective, x: jax.Array, labels: jax.Array) -> jax.Array:
+def input_gradient(objective: AttackObjective, x: jax.Array, labels: jax.Array) -> jax.Array:
   """[B, ...] gradient of each example's objective w.r.t. its own input."""
   return jax.grad(lambda inputs: jnp.sum(objective(inputs, labels)))(x)
 
 
-def fgsm(objective: Objective, x: jax.Array, labels: jax.Array, eps: float) -> jax.Array:
+def fgsm(objective: AttackObjective, x: jax.Array, labels: jax.Array, eps: float) -> jax.Array:
   """Fast gradient sign method: x + eps * sign(grad), kept in [0, 1].
 
   Args:
@@ -223,7 +224,7 @@ def fgsm(objective: Objective, x: jax.Array, labels: jax.Array, eps: float) -> j
   return project(x + eps * jnp.sign(input_gradient(objective, x, labels)), x, eps)
 
 
-def pgd(objective: Objective, x: jax.Array, labels: jax.Array, key: jax.Array, *,
+def pgd(objective: AttackObjective, x: jax.Array, labels: jax.Array, key: jax.Array, *,
         eps: float, steps: int, step_size: float | None = None,
         random_start: bool = True) -> jax.Array:
   """L_inf projected gradient ascent (Madry et al. 2018).
@@ -253,7 +254,7 @@ def pgd(objective: Objective, x: jax.Array, labels: jax.Array, key: jax.Array, *
   return jax.lax.fori_loop(0, steps, body, start)
 
 
-def mim(objective: Objective, x: jax.Array, labels: jax.Array, *, eps: float, steps: int,
+def mim(objective: AttackObjective, x: jax.Array, labels: jax.Array, *, eps: float, steps: int,
         step_size: float | None = None, decay: float = 1.0) -> jax.Array:
   """Momentum iterative method (Dong et al. 2018), L_inf.
 
@@ -284,7 +285,7 @@ def mim(objective: Objective, x: jax.Array, labels: jax.Array, *, eps: float, st
   return jax.lax.fori_loop(0, steps, body, (x, jnp.zeros_like(x)))[0]
 
 
-def make_attack(attack: str, objective: Objective, *, eps: float, steps: int = 50,
+def make_attack(attack: str, objective: AttackObjective, *, eps: float, steps: int = 50,
                 step_size: float | None = None, decay: float = 1.0,
                 random_start: bool = True) -> AttackFn:
   """A uniform (x, labels, key) -> x_adv attack; FGSM and MIM ignore the key.
@@ -337,7 +338,7 @@ def robust_mask(predictor: Predictor, attack_fn: AttackFn, x: jax.Array, labels:
   return jax.lax.scan(restart, start, keys)[0][0]
 
 
-def transfer_counts(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+def transfer_counts(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
                     key: jax.Array, *, eps: float, steps: int, step_size: float | None = None,
                     loss: str = "ce", combine: str = "log_mean_prob",
                     member_map: str = "vmap") -> dict[str, jax.Array]:

@@ -43,7 +43,8 @@ from jax.sharding import Mesh, PartitionSpec
 from fpe_jax import sharding, train
 
 Params = Any
-ApplyFn = Callable[[Params, jax.Array], jax.Array]
+# One member's (params, x [B, ...]) -> logits [B, C]: no masks (train.ApplyFn takes them).
+MemberApplyFn = Callable[[Params, jax.Array], jax.Array]
 
 COMBINES = ("log_mean_prob", "mean_logits")
 MEMBER_MAPS = ("vmap", "unroll")
@@ -115,7 +116,7 @@ def map_members(fn: Callable[..., Any], per_member: Any, *shared: Any,
   raise ValueError(f"member_map={member_map!r} is not one of {list(MEMBER_MAPS)}")
 
 
-def member_logits(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
+def member_logits(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array,
                   member_map: str = "vmap") -> jax.Array:
   """Every member's logits on the same inputs.
 
@@ -150,7 +151,7 @@ def combine_logits(logits: jax.Array, combine: str = "log_mean_prob") -> jax.Arr
   raise ValueError(f"combine={combine!r} is not one of {list(COMBINES)}")
 
 
-def ensemble_logits(apply_fn: ApplyFn, stacked: Params, x: jax.Array,
+def ensemble_logits(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array,
                     combine: str = "log_mean_prob", member_map: str = "vmap") -> jax.Array:
   """[B, C] ensemble output of the stacked members on x [B, ...]."""
   return combine_logits(member_logits(apply_fn, stacked, x, member_map), combine)
@@ -167,8 +168,6 @@ def member_sharding(stacked: Params, mesh: Mesh, axis: str = MEMBER_AXIS) -> Par
   count = num_members(stacked)
   if count % size:
     raise ValueError(f"{count} members cannot be split over mesh axis {axis!r} of size {size}")
-  if axis == MEMBER_AXIS:
-    return sharding.tree_shardings(stacked, mesh, sharding.MEMBER_RULES)
   return sharding.tree_shardings(stacked, mesh, ((r".*", PartitionSpec(axis)),))
 
 
@@ -187,7 +186,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.sum(log_probs * one_hot, axis=-1)
 
 
-def input_gradients(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+def input_gradients(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
                     member_map: str = "vmap") -> tuple[jax.Array, jax.Array, jax.Array]:
   """Each member's per-example CE and its gradient w.r.t. the input.
 
@@ -398,7 +397,7 @@ def validate_loss(config: LossConfig, members: int) -> None:
 
 
 def independent_loss(
-    apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+    apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
     config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
   """sum_i mean_b CE_i: members trained independently (no input gradients needed)."""
   logits = member_logits(apply_fn, stacked, x, config.member_map)
@@ -407,7 +406,7 @@ def independent_loss(
   return loss, {"loss": loss, "ce": jnp.mean(ce)}
 
 
-def ncen_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+def ncen_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
               config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
   """NCEn: sum CE + lam_dir * direction + lam_mag * magnitude + lam_ncl * Liu-Yao."""
   ce, _, grads = input_gradients(apply_fn, stacked, x, labels, config.member_map)
@@ -422,7 +421,7 @@ def ncen_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Arra
                 "grad_norm": jnp.mean(gradient_norms(grads))}
 
 
-def gal_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+def gal_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
              config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
   """GAL: mean_i CE_i + gal_lam * log sum_{i<j} exp(cos(g_i, g_j))."""
   ce, _, grads = input_gradients(apply_fn, stacked, x, labels, config.member_map)
@@ -432,7 +431,7 @@ def gal_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array
                 "cosine": direction_term(grads), "grad_norm": jnp.mean(gradient_norms(grads))}
 
 
-def adp_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+def adp_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
              config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ADP: sum_i CE_i - adp_alpha * H(mean prob) - adp_beta * log det(Gram)."""
   logits = member_logits(apply_fn, stacked, x, config.member_map)
@@ -443,7 +442,7 @@ def adp_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array
   return loss, {"loss": loss, "ce": jnp.mean(ce), "entropy": entropy, "log_det": log_det}
 
 
-def trs_loss(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+def trs_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
              config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
   """TRS: sum CE + trs_scale * (trs_coeff * mean |cos| + trs_lam * 2 * mean ||g||^2)."""
   ce, _, grads = input_gradients(apply_fn, stacked, x, labels, config.member_map)
@@ -459,7 +458,7 @@ _LOSS_FNS = {"independent": independent_loss, "ncen": ncen_loss, "gal": gal_loss
              "adp": adp_loss, "trs": trs_loss}
 
 
-def make_loss(apply_fn: ApplyFn, config: LossConfig, members: int) -> train.LossFn:
+def make_loss(apply_fn: MemberApplyFn, config: LossConfig, members: int) -> train.LossFn:
   """The loss `config.name` over M stacked members, as a `train.LossFn`.
 
   Args:
@@ -481,7 +480,7 @@ def make_loss(apply_fn: ApplyFn, config: LossConfig, members: int) -> train.Loss
   return loss_fn
 
 
-def gradient_statistics(apply_fn: ApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+def gradient_statistics(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
                         member_map: str = "vmap") -> dict[str, jax.Array]:
   """Diagnostics reported for every ensemble, whatever it was trained with.
 
