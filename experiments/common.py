@@ -13,6 +13,7 @@ with the same flags, and refused if the flags differ.
 """
 
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -67,6 +68,14 @@ def run(main: Callable[[list[str]], None]) -> None:
       _fail(str(e))
     except DivergedError as e:
       _fail(str(e), status=1)
+    except KeyboardInterrupt:
+      _quit("interrupted; run the same command again to resume from the last checkpoint",
+            status=130)
+    except Exception as e:
+      if _disk_full(e):
+        _quit("the disk is full; free space and run the same command again to resume from "
+              "the last checkpoint, which is intact", status=1)
+      raise
 
   app.run(guarded, flags_parser=parse)
 
@@ -74,6 +83,26 @@ def run(main: Callable[[list[str]], None]) -> None:
 def _fail(message: str, status: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(status)
+
+
+def _quit(message: str, status: int) -> None:
+  """Reports and exits at once: an interpreter shutdown in the middle of orbax's threads
+  buries the message under hundreds of "Event loop is closed" lines. Saves are synchronous,
+  so nothing that was reported saved is lost."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(status)
+
+
+def _disk_full(error: BaseException | None) -> bool:
+  """Whether `error`, or one it was raised from, is a full disk: an OSError with ENOSPC, or
+  tensorstore's (orbax's) RESOURCE_EXHAUSTED that carries the OS message."""
+  while error is not None:
+    if ((isinstance(error, OSError) and error.errno == errno.ENOSPC)
+        or os.strerror(errno.ENOSPC) in str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def validate(flag: str, ok: bool, message: str) -> None:

@@ -2,17 +2,19 @@
 
 Orbax writes each step to a temporary directory and renames it when complete, so a
 process killed mid-save leaves the previous step intact: `latest_step` only ever sees
-finished checkpoints. Saves are made synchronous (`wait_until_finished`) so a step a
-caller has logged as saved is on disk. A step damaged after it was written (a disk
-fault, a hand-edited file) is skipped by `restore_latest`, which falls back to the
-newest step that restores.
+finished checkpoints. Saves are synchronous (no background thread), so a step a caller
+has logged as saved is on disk and a failed save raises in the caller. A step damaged
+after it was written (a disk fault, a hand-edited file) is skipped by `restore_latest`,
+which falls back to the newest step that restores.
 """
 
+import contextlib
 import os
 import sys
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class Checkpoints:
@@ -21,15 +23,19 @@ class Checkpoints:
   def __init__(self, directory: str, *, max_to_keep: int = 2):
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        # Synchronous saves: a failed save (a full disk) raises here, in the caller's
+        # thread, instead of being logged at length by orbax's background thread.
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=False),
     )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, tree) -> None:
-    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
-    self._manager.wait_until_finished()
+    with _orbax_errors_raised_not_logged():
+      self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+      self._manager.wait_until_finished()
 
   def restore(self, step: int, like):
     """Restores step `step` into the structure, shapes and dtypes of `like`."""
@@ -53,3 +59,15 @@ class Checkpoints:
 
   def close(self) -> None:
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _orbax_errors_raised_not_logged():
+  """Orbax logs a failed write (a full disk) at length from its worker threads and then
+  raises it here; the caller reports the exception, so the log is noise."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)

@@ -3,6 +3,7 @@ damaged logs and checkpoints (experiments.common, fpe_jax.checkpoint)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -114,3 +115,63 @@ def test_a_non_finite_loss_stops_the_phase_before_it_is_saved(tmp_path):
   with open(os.path.join(run.path, "metrics.jsonl")) as f:
     assert [json.loads(line)["step"] for line in f] == [5]
   assert checkpoint.Checkpoints(os.path.join(run.checkpoints, "p")).latest_step() == 5
+
+
+_LONG_BOOLEAN = ["--d=12", "--k=3", "--clauses=3", "--neurons=4", "--alphas=2", "--seeds=1",
+                 "--train_size=256", "--test_size=256", "--batch_size=32", "--warmup_steps=0",
+                 "--steps=400000", "--chunk_steps=100"]
+
+
+def _start_boolean(workdir):
+  return subprocess.Popen(
+      [sys.executable, "-m", "experiments.boolean", f"--workdir={workdir}", *_LONG_BOOLEAN],
+      cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def _wait_for_progress(proc):
+  for line in proc.stdout:  # the first progress line: a chunk is trained and saved
+    if line.startswith("boolean:"):
+      return
+  raise AssertionError(proc.stderr.read())
+
+
+def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
+  proc = _start_boolean(tmp_path / "runs")
+  _wait_for_progress(proc)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: interrupted"), err
+  run = tmp_path / "runs" / "boolean" / "boolean"
+  assert (run / "checkpoints").is_dir() and not (run / "results.json").exists()
+
+
+def _mount_tmpfs(path, size: str) -> str | None:
+  """Mounts a tmpfs of `size` at `path`; None if it did, else why not."""
+  path.mkdir()
+  try:
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+  except FileNotFoundError:
+    return "no mount command"
+  return None if done.returncode == 0 else f"cannot mount a tmpfs: {done.stderr.strip()}"
+
+
+def test_a_full_disk_stops_on_one_line_and_keeps_the_last_checkpoint(tmp_path):
+  disk = tmp_path / "disk"
+  why_not = _mount_tmpfs(disk, "400k")
+  if why_not:
+    pytest.skip(why_not)
+  try:
+    proc = _start_boolean(disk)
+    out, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 1, err[-2000:]
+    assert len(lines) == 1 and "disk is full" in lines[0], err[-2000:]
+    store = checkpoint.Checkpoints(str(disk / "boolean" / "boolean" / "checkpoints" / "h4_dense"))
+    assert (store.latest_step() or 0) >= 100, out[-2000:]  # a finished, earlier step
+    store.close()
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
