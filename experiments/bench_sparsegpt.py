@@ -24,6 +24,7 @@ tokens (the evaluation novel).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import statistics
@@ -32,19 +33,74 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from experiments import common
 from fpe_jax import sparse
 
-_SHAPES = flags.DEFINE_list("shapes", ["576x1536", "1536x576"], "Weight shapes d_inxd_out.")
-_SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Unstructured sparsity in [0, 1).")
-_BLOCK = flags.DEFINE_integer("block_size", 128, "SparseGPT column block.")
-_TOKENS = flags.DEFINE_integer("tokens", 4096, "Calibration tokens behind the Hessian.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls; the median is reported.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights, inputs and windows.")
-_RECON_LAYERS = flags.DEFINE_list("recon_layers", [], "SmolLM2 blocks for the error table.")
-_RECON_WINDOWS = flags.DEFINE_integer("recon_windows", 8, "Calibration windows (error table).")
-_RECON_WINDOW = flags.DEFINE_integer("recon_window", 256, "Tokens per window (error table).")
+FLAGS = flags.FLAGS
+flags.DEFINE_list("shapes", ["576x1536", "1536x576"], "Weight shapes d_inxd_out.")
+flags.DEFINE_float("sparsity", 0.5, "Unstructured sparsity in [0, 1).")
+flags.DEFINE_integer("block_size", 128, "SparseGPT column block.")
+flags.DEFINE_integer("tokens", 4096, "Calibration tokens behind the Hessian.")
+flags.DEFINE_integer("repeats", 3, "Timed calls; the median is reported.")
+flags.DEFINE_integer("seed", 0, "Seed of the random weights, inputs and windows.")
+flags.DEFINE_list("recon_layers", [], "SmolLM2 blocks for the error table.")
+flags.DEFINE_integer("recon_windows", 8, "Calibration windows (error table).")
+flags.DEFINE_integer("recon_window", 256, "Tokens per window (error table).")
+
+
+def parse_shape(text: str) -> tuple[int, int] | None:
+  """(d_in, d_out) of a --shapes entry such as 576x1536; None unless two integers >= 1."""
+  try:
+    d_in, d_out = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    return None
+  return (d_in, d_out) if min(d_in, d_out) >= 1 else None
+
+
+common.flag_validator("shapes", lambda v: bool(v) and all(parse_shape(s) for s in v),
+                      "entries must look like 576x1536 (d_in x d_out, both >= 1)")
+common.flag_validator("sparsity", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+for _name in ("block_size", "tokens", "repeats", "recon_windows", "recon_window"):
+  common.flag_validator(_name, lambda v: v >= 1, "must be >= 1")
+common.flag_validator("recon_layers", lambda v: (x := common.int_list(v)) is not None
+                      and all(layer >= 0 for layer in x), "must be block indices >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The benchmark's flags, read once (`config_from_flags`).
+
+  Attributes:
+    shapes: the (d_in, d_out) weight shapes timed.
+    sparsity: unstructured sparsity in [0, 1).
+    block_size: SparseGPT column block.
+    tokens: calibration tokens behind each random Hessian.
+    repeats: timed calls (the median is reported).
+    seed: the seed of the random weights, inputs and calibration windows.
+    recon_layers: SmolLM2 blocks of the reconstruction-error table (empty: no table).
+    recon_windows: calibration (and held-out) windows of the table.
+    recon_window: tokens per window of the table.
+  """
+  shapes: tuple[tuple[int, int], ...]
+  sparsity: float
+  block_size: int
+  tokens: int
+  repeats: int
+  seed: int
+  recon_layers: tuple[int, ...]
+  recon_windows: int
+  recon_window: int
+
+
+def config_from_flags() -> Config:
+  """The config of the parsed flags (every check is a single-flag validator; the layers'
+  range needs the model and is checked when it is loaded)."""
+  return Config(shapes=tuple(parse_shape(s) for s in FLAGS.shapes), sparsity=FLAGS.sparsity,
+                block_size=FLAGS.block_size, tokens=FLAGS.tokens, repeats=FLAGS.repeats,
+                seed=FLAGS.seed, recon_layers=tuple(common.int_list(FLAGS.recon_layers)),
+                recon_windows=FLAGS.recon_windows, recon_window=FLAGS.recon_window)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
@@ -84,34 +140,26 @@ def _median_time(fn, repeats):
   return statistics.median(times)
 
 
-def _parse_shape(text):
-  try:
-    d_in, d_out = (int(v) for v in text.lower().split("x"))
-  except ValueError:
-    raise app.UsageError(f"--shapes entries must look like 576x1536, got {text!r}") from None
-  return d_in, d_out
-
-
-def _bench_shape(d_in, d_out, rng):
+def _bench_shape(d_in, d_out, rng, config: Config):
   """(lazy seconds, naive seconds, max |difference|) for one weight shape."""
   mix = rng.normal(size=(d_in, d_in)) / np.sqrt(d_in)
-  x = rng.normal(size=(_TOKENS.value, d_in)) @ mix * rng.lognormal(0, 0.7, d_in)
+  x = rng.normal(size=(config.tokens, d_in)) @ mix * rng.lognormal(0, 0.7, d_in)
   w = jnp.asarray(rng.normal(size=(d_in, d_out)), jnp.float32)
   h = sparse.hessian_from_inputs(jnp.asarray(x, jnp.float32))
-  width = min(_BLOCK.value, d_in)
+  width = min(config.block_size, d_in)
   num_prune = jnp.asarray([
-      math.floor(_SPARSITY.value * d_out * width),
-      math.floor(_SPARSITY.value * d_out * (d_in % width)),
+      math.floor(config.sparsity * d_out * width),
+      math.floor(config.sparsity * d_out * (d_in % width)),
   ], jnp.int32)
 
   def lazy():
-    return sparse.sparsegpt(w, h, sparsity=_SPARSITY.value, block_size=_BLOCK.value)[0]
+    return sparse.sparsegpt(w, h, sparsity=config.sparsity, block_size=config.block_size)[0]
 
   def naive():
-    return naive_sparsegpt(w, h, num_prune, block_size=_BLOCK.value)
+    return naive_sparsegpt(w, h, num_prune, block_size=config.block_size)
 
-  t_lazy = _median_time(lazy, _REPEATS.value)
-  t_naive = _median_time(naive, _REPEATS.value)
+  t_lazy = _median_time(lazy, config.repeats)
+  t_naive = _median_time(naive, config.repeats)
   return t_lazy, t_naive, float(jnp.max(jnp.abs(lazy() - naive())))
 
 
@@ -120,8 +168,9 @@ def _relative_error(x, w, w_pruned):
   return float(jnp.sum((y - x @ w_pruned) ** 2) / jnp.sum(y**2))
 
 
-def _recon_table(layers):
+def _recon_table(config: Config):
   """Prints the per-method reconstruction errors on real SmolLM2 activations."""
+  layers = list(config.recon_layers)
   # Imported here: only this option needs the model and the text.
   from fpe_jax.data import austen, gguf_loader
   from fpe_jax.models import llama
@@ -129,11 +178,11 @@ def _recon_table(layers):
   ckpt = gguf_loader.load_llama_gguf()
   cfg, params = ckpt.config, jax.tree.map(jnp.asarray, ckpt.params)
   if not all(0 <= layer < cfg.n_layers for layer in layers):
-    raise app.UsageError(f"--recon_layers must be in [0, {cfg.n_layers}), got {layers}")
+    raise common.UsageError(f"--recon_layers: must be in [0, {cfg.n_layers}), got {layers}")
   calib, held_out = austen.calibration_and_eval_windows(
-      lambda text: ckpt.tokenizer.encode(text).ids, calib_windows=_RECON_WINDOWS.value,
-      calib_window=_RECON_WINDOW.value, eval_window=_RECON_WINDOW.value,
-      eval_windows=_RECON_WINDOWS.value, seed=_SEED.value)
+      lambda text: ckpt.tokenizer.encode(text).ids, calib_windows=config.recon_windows,
+      calib_window=config.recon_window, eval_window=config.recon_window,
+      eval_windows=config.recon_windows, seed=config.seed)
   configs = [("50%", dict(sparsity=0.5)), ("70%", dict(sparsity=0.7)), ("2:4", dict(n_m=(2, 4)))]
   print(f"relative layer error ||XW - XW'||^2 / ||XW||^2, {calib.size} calibration tokens "
         f"(calib) and {held_out.size} held-out tokens (eval)")
@@ -167,26 +216,19 @@ def _recon_table(layers):
 
 
 def main(argv):
-  del argv
-  if not 0.0 <= _SPARSITY.value < 1.0:
-    raise app.UsageError(f"--sparsity must be in [0, 1), got {_SPARSITY.value}")
-  if _BLOCK.value < 1 or _REPEATS.value < 1 or _TOKENS.value < 1:
-    raise app.UsageError("--block_size, --repeats and --tokens must be positive")
-  shapes = [_parse_shape(s) for s in _SHAPES.value]
-  try:
-    layers = [int(v) for v in _RECON_LAYERS.value]
-  except ValueError:
-    msg = f"--recon_layers must be block indices, got {_RECON_LAYERS.value}"
-    raise app.UsageError(msg) from None
-  rng = np.random.default_rng(_SEED.value)
-  print(f"backend={jax.default_backend()} sparsity={_SPARSITY.value} "
-        f"block_size={_BLOCK.value} tokens={_TOKENS.value} repeats={_REPEATS.value}")
+  if len(argv) > 1:
+    raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
+  config = config_from_flags()
+  rng = np.random.default_rng(config.seed)
+  print(f"backend={jax.default_backend()} sparsity={config.sparsity} "
+        f"block_size={config.block_size} tokens={config.tokens} repeats={config.repeats}")
   print(f"{'shape':>10} {'lazy_s':>8} {'naive_s':>8} {'ratio':>6} {'max|diff|':>10}")
-  for d_in, d_out in shapes:
-    t_lazy, t_naive, diff = _bench_shape(d_in, d_out, rng)
+  for d_in, d_out in config.shapes:
+    t_lazy, t_naive, diff = _bench_shape(d_in, d_out, rng, config)
     print(f"{d_in}x{d_out:<5} {t_lazy:8.3f} {t_naive:8.3f} {t_naive / t_lazy:6.2f} {diff:10.2e}")
-  if layers:
-    _recon_table(layers)
+  if config.recon_layers:
+    _recon_table(config)
+
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)
