@@ -238,7 +238,7 @@ def perplexity(cfg: LlamaConfig, params: Params, windows: jax.Array,
 def greedy_decode(cfg: LlamaConfig, params: Params, prompt: jax.Array,
                   num_tokens: int) -> jax.Array:
   """Greedy continuation without a KV cache: recomputes the prefix per token (fine for a few
-  tokens; checked against Hugging Face in tests, the base of generation from a saved model).
+  tokens; tested on a real prompt). The base of generation from a saved, compressed model.
 
   Args:
     cfg: model config.
