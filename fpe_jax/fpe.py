@@ -61,7 +61,7 @@ def expand(
     clause_signs: np.ndarray | None = None,
     bias: str = "copy",
     budget: str = "global",
-    layers: Sequence[Layer] | None = None,
+    layer_paths: Sequence[Layer] | None = None,
 ) -> tuple[nn.Params, nn.Masks]:
   """Splits hidden layer(s) into `alpha` children per neuron at the same non-zero count.
 
@@ -83,13 +83,14 @@ def expand(
       pruning compares matrices of different scales: with a wide output layer (e.g. a
       [384, h, 338] head at alpha 4) the copied outgoing weights are larger than the
       incoming ones and the prune can empty the incoming matrix; use "per_layer" there.
-    layers: the model's dense layers in forward order, as top-level names or paths
+    layer_paths: the model's dense layers in forward order, as top-level names or paths
       (`["fc1", "fc2"]`, `[("layers", 0), ("layers", 1)]`); default `nn.layer_paths`.
+      `layer` indexes the hidden layers between them.
 
   Returns:
     (params, masks) with `count_nonzero` exactly equal to the input's.
   """
-  paths = _layer_paths(params, layers)
+  paths = _resolve_paths(params, layer_paths)
   hidden = [layer] if isinstance(layer, int | np.integer) else list(layer)
   n_hidden = len(paths) - 1
   if not hidden or any(not 0 <= int(hid) < n_hidden for hid in hidden):
@@ -108,7 +109,7 @@ def expand(
     params, masks = split_neurons(
         params, masks, layer=int(hid), alpha=alpha, split=split,
         key=jax.random.fold_in(key, i), clauses=clauses, clause_signs=clause_signs, bias=bias,
-        layers=paths,
+        layer_paths=paths,
     )
   if budget == "global":
     outside = nn.count_nonzero(params, masks) - sum(
@@ -126,10 +127,11 @@ def expand(
   return params, masks
 
 
-def _layer_paths(params: nn.Params, layers: Sequence[Layer] | None) -> list[nn.LayerPath]:
-  if layers is None:
+def _resolve_paths(params: nn.Params,
+                   layer_paths: Sequence[Layer] | None) -> list[nn.LayerPath]:
+  if layer_paths is None:
     return nn.layer_paths(params)
-  return [nn.as_layer_path(name) for name in layers]
+  return [nn.as_layer_path(name) for name in layer_paths]
 
 
 def _support(params: nn.Params, masks: nn.Masks, path: nn.LayerPath) -> tuple[int, int]:
@@ -152,7 +154,7 @@ def split_neurons(
     clauses: np.ndarray | None = None,
     clause_signs: np.ndarray | None = None,
     bias: str = "copy",
-    layers: Sequence[Layer] | None = None,
+    layer_paths: Sequence[Layer] | None = None,
 ) -> tuple[nn.Params, nn.Masks]:
   """Step 1 of `expand` for one hidden layer, without restoring the budget.
 
@@ -161,7 +163,7 @@ def split_neurons(
   Returns:
     (params, masks) with hidden layer `layer` alpha times wider.
   """
-  paths = _layer_paths(params, layers)
+  paths = _resolve_paths(params, layer_paths)
   n_hidden = len(paths) - 1
   if not 0 <= layer < n_hidden:
     raise ValueError(f"layer must be in [0, {n_hidden - 1}] (hidden layers), got {layer}")
@@ -186,7 +188,8 @@ def split_neurons(
   if out[out_key].shape[0] != h:
     raise ValueError(
         f"layer {nn.format_path(paths[layer + 1])} reads {out[out_key].shape[0]} inputs, "
-        f"{nn.format_path(paths[layer])} gives {h}: name the layers in forward order")
+        f"{nn.format_path(paths[layer])} gives {h}: name the layers in forward order "
+        "(layer_paths=...)")
   rng = _numpy_rng(key)
   if split == "clause":
     clauses = np.asarray(clauses)
@@ -246,7 +249,7 @@ def restore_budget(
 ) -> tuple[nn.Params, nn.Masks]:
   """Magnitude-prunes the weight matrices `matrices` to exactly `target` non-zeros in all.
 
-  `matrices` names dense layers (top-level names or paths, as `expand`'s `layers`). The
+  `matrices` names dense layers (top-level names or paths, as `expand`'s `layer_paths`). The
   smallest |w| on-mask entries go first; ties are broken by position (a stable sort over
   the matrices in the order given), so the count is exact even when copied weights are
   equal.

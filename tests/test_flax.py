@@ -139,7 +139,7 @@ def test_named_layers_without_bias_need_their_order():
   for mode in fpe.BUDGET_MODES:
     wide, wide_masks = fpe.expand(params, masks, layer=0, alpha=2, split="random",
                                   key=jax.random.key(0), budget=mode,
-                                  layers=["encode", "classify"])
+                                  layer_paths=["encode", "classify"])
     assert nn.count_nonzero(wide, wide_masks) == budget
     assert "bias" not in wide["encode"] and wide["encode"]["kernel"].shape == (12, 10)
     wide_fn = flax_interop.masked_apply(flax_interop.nnx_apply(NamedMLP(12, 10, 3, nnx.Rngs(1))))
