@@ -29,7 +29,6 @@ from absl import flags
 from experiments import boolean_plots, common, fpe_sweep
 from fpe_jax import fpe, metrics, nn, train
 from fpe_jax.tasks import boolean as dnf
-from kernels_pallas import implementations
 
 FLAGS = flags.FLAGS
 SPLIT_CHOICES = ("dense",) + fpe.SPLITS
@@ -38,26 +37,20 @@ flags.DEFINE_integer("d", 64, "Input variables.")
 flags.DEFINE_integer("k", 3, "Literals per clause.")
 flags.DEFINE_list("clauses", ["8"], "Clause counts to sweep (polysemantic load).")
 flags.DEFINE_list("neurons", ["8"], "Widths of the expanded hidden layer before expansion.")
-flags.DEFINE_list("alphas", ["2"], "Expansion factors (children per neuron), each >= 2.")
 flags.DEFINE_list("splits", ["dense", "random", "clause"],
                   f"Arms: 'dense' (baseline) and FPE splits, among {SPLIT_CHOICES}.")
 flags.DEFINE_integer("depth", 1, "Hidden layers; each has the width from --neurons.")
 flags.DEFINE_integer("layer", 0, "Hidden layer to expand (0 = first).")
 flags.DEFINE_integer("train_size", 4096, "Training examples per run (a fixed set).")
 flags.DEFINE_integer("test_size", 4096, "Fresh test examples per run.")
-flags.DEFINE_enum("matmul", "xla", implementations.IMPLEMENTATIONS,
-                  "Masked matmuls of the FPE arms: XLA (w * mask), the block-sparse Pallas "
-                  "kernel (kernels_pallas; interpret mode on CPU, for checking only), or auto "
-                  "(the kernel on TPU / GPU, XLA on CPU).")
-fpe_sweep.define_training_flags(__name__, seeds=5, warmup_steps=200, steps=20000,
+# --alphas, the training recipe and --matmul: the flags of every FPE binary.
+fpe_sweep.define_training_flags(alphas=["2"], seeds=5, warmup_steps=200, steps=20000,
                                 chunk_steps=1000, batch_size=64)
 
 common.flag_validator("clauses", lambda v: (x := common.int_list(v)) and min(x) >= 1,
                       "a comma list of integers >= 1, e.g. 4,8,16")
 common.flag_validator("neurons", lambda v: (x := common.int_list(v)) and min(x) >= 1,
                       "a comma list of integers >= 1, e.g. 8,16")
-common.flag_validator("alphas", lambda v: (x := common.int_list(v)) and min(x) >= 2,
-                      "a comma list of integers >= 2 (children per neuron), e.g. 2,4")
 common.flag_validator("splits", lambda v: bool(v) and set(v) <= set(SPLIT_CHOICES),
                       f"a comma list of splits among {', '.join(SPLIT_CHOICES)}")
 for _name in ("d", "k", "depth", "train_size", "test_size"):
@@ -96,13 +89,7 @@ def config_from_flags() -> Config:
                   "must index a hidden layer, in [0, --depth - 1]")
   common.validate("splits", "clause" not in f.splits or f.layer == 0,
                   "'clause' splits variables, so it needs --layer=0")
-  common.validate("steps", f.steps % f.chunk_steps == 0, "must be a multiple of --chunk_steps")
-  common.validate("warmup_steps",
-                  f.warmup_steps < f.chunk_steps or f.warmup_steps % f.chunk_steps == 0,
-                  "must be below --chunk_steps (one chunk) or a multiple of it")
-  sweep = fpe_sweep.sweep_config(f, widths=common.int_list(f.neurons),
-                                 alphas=common.int_list(f.alphas), arms=f.splits,
-                                 matmul=f.matmul)
+  sweep = fpe_sweep.sweep_config(f, widths=common.int_list(f.neurons), arms=f.splits)
   return Config(d=f.d, k=f.k, clauses=tuple(sorted(set(common.int_list(f.clauses)))),
                 depth=f.depth, layer=f.layer, train_size=f.train_size, test_size=f.test_size,
                 sweep=sweep)

@@ -34,7 +34,7 @@ flags.DEFINE_integer("cnn_channels", 8, "Channels of the cnn task's first conv."
 flags.DEFINE_integer("train_size", 0, "Use the first N training images (0: all 60,000).")
 flags.DEFINE_string("data_dir", "", "Folder of the Fashion-MNIST idx files (default: "
                     "Debian's /usr/share/datasets/fashion-mnist).")
-fpe_sweep.define_sweep_flags(__name__)
+fpe_sweep.define_sweep_flags()
 
 common.flag_validator("tasks", lambda v: bool(v) and set(v) <= set(TASKS),
                       f"a comma list of tasks among {', '.join(TASKS)}")

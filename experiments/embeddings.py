@@ -41,7 +41,7 @@ flags.DEFINE_bool("standardize", True, "z-score each embedding dimension with th
 # holds most of the expanded weights and its He-initialised entries are ~5x larger than
 # the incoming ones (fan-in width vs 384), so one global magnitude threshold prunes the
 # incoming layer away entirely at alpha 4 (every child unconnected, chance accuracy).
-fpe_sweep.define_sweep_flags(__name__, budget="per_layer")
+fpe_sweep.define_sweep_flags(budget="per_layer")
 
 common.flag_validator("tasks", lambda v: bool(v) and set(v) <= set(rotten_tomatoes.TASKS),
                       f"a comma list of tasks among {', '.join(rotten_tomatoes.TASKS)}")
@@ -97,7 +97,8 @@ def load_tasks(cfg: Config) -> dict:
     reviews = rotten_tomatoes.load_reviews()
     model = minilm.load_minilm()
   except FileNotFoundError as e:
-    raise common.UsageError(f"--tasks: {e}") from e
+    # No flag's fault: the packaged data is missing (the loaders name the install script).
+    raise common.UsageError(f"data not installed: {e}") from e
   if cfg.max_rows:
     reviews = rotten_tomatoes.Reviews(texts=reviews.texts[:cfg.max_rows],
                                       fresh=reviews.fresh[:cfg.max_rows],

@@ -15,8 +15,9 @@ except the larger dense models that measure the "equivalent dense size"):
 - dense: width h, --warmup_steps then --steps more (the optimiser state carries on).
 - FPE splits (random / clause / feature / overlap), for each alpha: the warmed-up dense
   model expanded (`fpe.expand` over `ModelSpec.expand_layers` under one budget), then
-  --steps with a fresh optimiser. The minibatch sequence continues from the warm-up, so
-  every arm of a run sees the same minibatches as the dense baseline.
+  --steps with a fresh optimiser whose learning-rate schedule continues from the
+  warm-up's step (`make_optimizer`). The minibatch sequence continues from the warm-up, so
+  every arm of a run sees the same minibatches and learning rates as the dense baseline.
 - dropconnect, for each alpha: the warmed-up dense model trained --steps more with a
   fresh Bernoulli mask each step on the expanded layers' incoming weights, each weight
   kept with probability 1/alpha (the share of a parent's inputs one FPE child keeps) and
@@ -25,7 +26,8 @@ except the larger dense models that measure the "equivalent dense size"):
   same non-zero parameters as dense, regularised by random sparsity instead of FPE's
   fixed split (the optimiser state carries on from the warm-up, as for dense).
 - dense x r for r in --dense_ratios: the dense model whose head width gives the non-zero
-  count nearest r times dense width h's, trained from scratch for warm-up + steps.
+  count nearest r times dense width h's, trained from scratch for warm-up + steps (as two
+  phases, like dense: a warm-up below one chunk is one short chunk).
 All runs of a task (seeds; for Boolean every clause count x seed) that train the same
 phase are stacked on a leading run axis and trained by one jitted, vmapped
 `train.make_train_chunk` program, through the checkpointed `common.train_phase`.
@@ -54,7 +56,6 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -65,9 +66,14 @@ import numpy as np
 from absl import flags
 
 from experiments import common
-from fpe_jax import fpe, metrics, nn, sharding, train
+from fpe_jax import ensemble, fpe, metrics, nn, sharding, train
 from kernels_pallas import implementations
 from kernels_pallas.block_sparse import BlockSparseMask
+
+# The DEFINEs of `define_training_flags` / `define_sweep_flags` are attributed to the binary
+# that calls them, not to this module: absl skips disclaimed modules when it looks for a
+# flag's owner, so the binary's flags.txt (common.resolved_flags) lists them.
+flags.disclaim_key_flags()
 
 REAL_DATA_SPLITS = ("random", "feature", "overlap")
 ARMS = ("dense",) + REAL_DATA_SPLITS + ("dropconnect",)  # the real-data binaries' arms
@@ -87,15 +93,18 @@ class SweepConfig:
     dense_ratios: larger dense models, as multiples (> 1) of dense width h's non-zeros.
     seeds: runs per sweep point.
     seed: the base seed.
-    warmup_steps: dense steps before the expansion.
-    steps: steps after it (every arm).
+    warmup_steps: dense steps before the expansion: below chunk_steps (one short chunk)
+      or a multiple of it.
+    steps: steps after it (every arm), a multiple of chunk_steps.
     chunk_steps: steps per jitted call: the log and checkpoint period.
     batch_size: examples per step.
     optimizer: one of `train.OPTIMIZERS`.
     learning_rate: the initial learning rate.
     weight_decay: L2 (adam, sgd) or decoupled (adamw) weight decay; 0: none.
-    schedule: one of `train.SCHEDULES`, of each phase's optimiser step count (a fresh
-      optimiser after the expansion starts it again); cosine decays over warm-up + steps.
+    schedule: one of `train.SCHEDULES`, a function of the global step: the FPE arms'
+      fresh optimiser after the expansion runs it offset by warmup_steps
+      (`make_optimizer(cfg, first_step=warmup_steps)`), so every arm trains at dense's
+      rate at the same step; cosine decays over warm-up + steps.
     schedule_boundaries: the "step" schedule's boundaries.
     schedule_decay: the "step" schedule's factor.
     bias: child biases (`fpe.BIAS_MODES`).
@@ -131,12 +140,24 @@ class SweepConfig:
     return tuple(a for a in self.arms if a in fpe.SPLITS)
 
 
-def make_optimizer(cfg: SweepConfig):
-  """The sweep's optax optimiser (at the defaults: plain `optax.<optimizer>(lr)`)."""
-  learning_rate = train.make_schedule(
+def make_optimizer(cfg: SweepConfig, first_step: int = 0):
+  """The sweep's optax optimiser for a fresh optimiser state made at global step `first_step`.
+
+  The learning-rate schedule is a function of the global step: optax counts the steps of
+  its own state from 0, so a state made at `first_step` (the FPE arms' after the
+  expansion, at warmup_steps) runs `schedule(count + first_step)`. A constant rate stays
+  the plain float (at the defaults: plain `optax.<optimizer>(lr)`, whatever `first_step`).
+  """
+  schedule = train.make_schedule(
       cfg.schedule, cfg.learning_rate, total_steps=cfg.warmup_steps + cfg.steps,
       boundaries=cfg.schedule_boundaries, decay_factor=cfg.schedule_decay)
-  return train.make_optimizer(cfg.optimizer, learning_rate, weight_decay=cfg.weight_decay)
+  if callable(schedule) and first_step:
+    schedule = functools.partial(_offset_schedule, schedule, first_step)
+  return train.make_optimizer(cfg.optimizer, schedule, weight_decay=cfg.weight_decay)
+
+
+def _offset_schedule(schedule: Callable, offset: int, count):
+  return schedule(count + offset)
 
 
 # --------------------------------------------------------------------------- models
@@ -309,14 +330,6 @@ def on_kernel_masks(loss_fn: train.LossFn) -> train.LossFn:
 # ------------------------------------------------------------------------ the sweep
 
 
-def stack_trees(trees):
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def unstack_tree(tree, i):
-  return jax.tree.map(lambda x: x[i], tree)
-
-
 def select(tree, idx: Sequence[int]):
   """The runs `idx` of a run-stacked tree."""
   return jax.tree.map(lambda a: a[np.asarray(idx)], tree)
@@ -329,14 +342,19 @@ class Sweep:
                progress: common.Progress):
     self.task, self.cfg, self.run_dir, self.progress = task, cfg, run_dir, progress
     self.apply_fn = make_apply(task.spec)
-    self.optimizer = make_optimizer(cfg)
+    # Optimisers by the step their fresh state is made at: "dense" at 0 (the warm-up, dense
+    # x r; dense and DropConnect carry the warm-up's state on), "expanded" at the warm-up's
+    # end (the FPE arms), so both follow one schedule of the global step.
+    self.optimizers = {"dense": make_optimizer(cfg),
+                       "expanded": make_optimizer(cfg, first_step=cfg.warmup_steps)}
     data = task.data
     self.x_train, self.y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     self.predict = jax.jit(lambda p, m, x: train.predictions(self.apply_fn(p, m, x)))
     example_ndim = self.x_train.ndim - 1 - task.per_run_data
-    self.batch_sharding = None
+    self.mesh = self.batch_sharding = None
     if len(jax.devices()) > 1:
-      self.batch_sharding = sharding.batch_sharding(sharding.make_mesh(), example_ndim + 1)
+      self.mesh = sharding.make_mesh()
+      self.batch_sharding = sharding.batch_sharding(self.mesh, example_ndim + 1)
     self.losses = {
         "plain": train.supervised_loss(self.apply_fn, task.objective),
         "dropconnect": train.dropconnect_loss(
@@ -347,21 +365,26 @@ class Sweep:
     }
     self.programs = {}
 
-  def program(self, loss: str, steps: int):
-    """The jitted chunk of `steps` steps, vmapped over runs (built once per loss and size)."""
-    if (loss, steps) not in self.programs:
-      chunk = train.make_train_chunk(self.losses[loss], self.optimizer,
+  def program(self, loss: str, steps: int, optimizer: str):
+    """The jitted chunk of `steps` steps, vmapped over runs (once per loss, size, optimiser)."""
+    if (loss, steps, optimizer) not in self.programs:
+      chunk = train.make_train_chunk(self.losses[loss], self.optimizers[optimizer],
                                      batch_size=self.cfg.batch_size, steps=steps,
                                      batch_sharding=self.batch_sharding)
       data_axis = 0 if self.task.per_run_data else None
-      loss_args = 0 if loss == "plain" else 1  # dropconnect: keep; kernel: kernel masks
-      in_axes = (0, data_axis, data_axis, 0) + (0,) * loss_args
-      self.programs[loss, steps] = jax.jit(jax.vmap(chunk, in_axes=in_axes), donate_argnums=0)
-    return self.programs[loss, steps]
+      num_loss_args = 0 if loss == "plain" else 1  # dropconnect: keep; kernel: kernel masks
+      in_axes = (0, data_axis, data_axis, 0) + (0,) * num_loss_args
+      self.programs[loss, steps, optimizer] = jax.jit(jax.vmap(chunk, in_axes=in_axes),
+                                                      donate_argnums=0)
+    return self.programs[loss, steps, optimizer]
 
   def run_phase(self, phase: str, state: train.TrainState, runs: Sequence[int],
-                end_step: int, loss: str = "plain", loss_args=()) -> train.TrainState:
-    """Trains the run-stacked `state` of `runs` (indices into task.runs) to `end_step`."""
+                end_step: int, loss: str = "plain", loss_args=(),
+                optimizer: str = "dense") -> train.TrainState:
+    """Trains the run-stacked `state` of `runs` (indices into task.runs) to `end_step`.
+
+    `optimizer` names the entry of `self.optimizers` that made the state's optimiser state.
+    """
     first = int(state.step[0])
     steps = min(self.cfg.chunk_steps, end_step - first)  # a warm-up may be one short chunk
     x, y = self.x_train, self.y_train
@@ -369,16 +392,22 @@ class Sweep:
       x, y = select(x, runs), select(y, runs)
     keys = jnp.stack([self.train_key(r) for r in runs])
     name = f"{self.task.name}_{phase}" if self.task.name else phase
-    return common.train_phase(self.run_dir, name, state, self.program(loss, steps), x, y,
-                              keys, *loss_args, end_step=end_step, chunk_steps=steps,
+    if self.mesh is not None:
+      # Replicated over the mesh, as the chunk's batch constraint needs: checkpoints restore
+      # onto the template's devices, and a fresh state is uncommitted (device 0), which
+      # once restored would be committed there and clash with the batches over the mesh.
+      state = jax.device_put(state, sharding.replicated(self.mesh))
+    return common.train_phase(self.run_dir, name, state, self.program(loss, steps, optimizer),
+                              x, y, keys, *loss_args, end_step=end_step, chunk_steps=steps,
                               progress=self.progress)
 
   def train_key(self, r: int) -> jax.Array:
     return jax.random.fold_in(self.task.runs[r].key, 4)
 
-  def init_states(self, models, step: int = 0) -> train.TrainState:
+  def init_states(self, models, step: int = 0, optimizer: str = "dense") -> train.TrainState:
     """Fresh optimiser states of (params, masks) models, stacked on the run axis."""
-    return stack_trees([train.init_state(p, self.optimizer, m, step=step) for p, m in models])
+    return ensemble.stack_members([train.init_state(p, self.optimizers[optimizer], m, step=step)
+                                   for p, m in models])
 
   def dense_models(self, width: int):
     spec = self.task.spec
@@ -398,29 +427,37 @@ class Sweep:
       dense = self.run_phase(f"h{width}_dense", warm, everyone, total)
       records += self.evaluate(dense, everyone, width, arm="dense", alpha=1)
     if "dropconnect" in cfg.arms:
-      runs = [(a, i) for a in cfg.alphas for i in everyone]
-      keep = jnp.asarray([1.0 / a for a, _ in runs], jnp.float32)
-      state = self.run_phase(f"h{width}_dropconnect", select(warm, [i for _, i in runs]),
-                             [i for _, i in runs], total, "dropconnect", (keep,))
+      # The phase's stacked runs, one per (alpha, run index), in this order.
+      stacked_runs = [(a, i) for a in cfg.alphas for i in everyone]
+      run_indices = [i for _, i in stacked_runs]
+      keep = jnp.asarray([1.0 / a for a, _ in stacked_runs], jnp.float32)
+      state = self.run_phase(f"h{width}_dropconnect", select(warm, run_indices), run_indices,
+                             total, "dropconnect", (keep,))
       for alpha in cfg.alphas:
-        idx = [j for j, (a, _) in enumerate(runs) if a == alpha]
-        records += self.evaluate(select(state, idx), everyone, width, arm="dropconnect",
+        rows = [j for j, (a, _) in enumerate(stacked_runs) if a == alpha]
+        records += self.evaluate(select(state, rows), everyone, width, arm="dropconnect",
                                  alpha=alpha)
+    warm_runs = ensemble.unstack_members(warm) if cfg.fpe_splits else []
     for alpha in cfg.alphas if cfg.fpe_splits else ():
-      runs = [(split, i) for split in cfg.fpe_splits for i in everyone]
-      state = self.init_states([self.expand(unstack_tree(warm, i), split, alpha, i)
-                                for split, i in runs], step=cfg.warmup_steps)
+      # The phase's stacked runs, one per (split, run index), in this order.
+      stacked_runs = [(split, i) for split in cfg.fpe_splits for i in everyone]
+      run_indices = [i for _, i in stacked_runs]
+      expanded = [self.expand(warm_runs[i], split, alpha, i) for split, i in stacked_runs]
+      state = self.init_states(expanded, step=cfg.warmup_steps, optimizer="expanded")
       kernel = kernel_masks(state.masks, cfg.matmul)
       loss, loss_args = ("plain", ()) if kernel is None else ("kernel", (kernel,))
-      state = self.run_phase(f"h{width}_alpha{alpha}", state, [i for _, i in runs], total,
-                             loss, loss_args)
+      state = self.run_phase(f"h{width}_alpha{alpha}", state, run_indices, total, loss,
+                             loss_args, optimizer="expanded")
       for split in cfg.fpe_splits:
-        idx = [j for j, (sp, _) in enumerate(runs) if sp == split]
-        records += self.evaluate(select(state, idx), everyone, width, arm=split, alpha=alpha)
+        rows = [j for j, (sp, _) in enumerate(stacked_runs) if sp == split]
+        records += self.evaluate(select(state, rows), everyone, width, arm=split, alpha=alpha)
     for ratio in cfg.dense_ratios:
       big = width_for_ratio(self.task.spec, width, ratio)
       state = self.init_states(self.dense_models(big))
-      state = self.run_phase(f"h{width}_dense{ratio:g}x", state, everyone, total)
+      phase = f"h{width}_dense{ratio:g}x"
+      if cfg.warmup_steps:  # as dense: a warm-up below one chunk is one short chunk
+        state = self.run_phase(f"{phase}_warmup", state, everyone, cfg.warmup_steps)
+      state = self.run_phase(phase, state, everyone, total)
       records += self.evaluate(state, everyone, width, arm=f"dense_x{ratio:g}", alpha=1,
                                head_width=big)
     return records
@@ -456,8 +493,9 @@ class Sweep:
                alpha: int, head_width: int | None = None) -> list[dict]:
     """Test accuracy, non-zeros and interference metrics of each run of a stacked state."""
     records = []
-    for j, r in enumerate(runs):
-      params, masks = unstack_tree(state.params, j), unstack_tree(state.masks, j)
+    models = zip(ensemble.unstack_members(state.params), ensemble.unstack_members(state.masks),
+                 strict=True)
+    for r, (params, masks) in zip(runs, models, strict=True):
       run = self.task.runs[r]
       records.append({
           **run.labels, "width": width, "arm": arm, "alpha": alpha,
@@ -770,47 +808,62 @@ def real_data_main(experiment: str, module_name: str, config_from_flags: Callabl
 # ---------------------------------------------------------------------------- flags
 
 
-def _owner(module_name: str) -> dict:
-  # absl files the flags of a module run as `python -m` under its script path; so does
-  # common.resolved_flags, which writes them into the binary's flags.txt.
-  return {"module_name": sys.argv[0] if module_name == "__main__" else module_name}
+def define_training_flags(**defaults) -> None:
+  """Defines the flags of every FPE binary: --alphas, the training recipe and --matmul.
 
+  Call it once, when the binary is imported: this module disclaims its DEFINEs, so absl
+  files the flags under the calling binary and `common.resolved_flags` writes them into
+  its flags.txt.
 
-def define_training_flags(module_name: str, **defaults) -> None:
-  """Defines the training flags of every FPE binary, owned by `module_name`.
+  Args:
+    **defaults: a flag's default by name, overriding this function's (e.g. `seeds=5`;
+      list flags take a list of strings).
 
-  They are attributed to the calling binary's module so that `common.resolved_flags`
-  writes them into its flags.txt. `defaults` overrides a flag's default by name.
+  Raises:
+    TypeError: if `defaults` names a flag this function does not define.
   """
-  d = {"seeds": 3, "seed": 0, "warmup_steps": 500, "steps": 5000, "chunk_steps": 500,
-       "batch_size": 128, "optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0,
-       "schedule": "constant", "schedule_boundaries": [], "schedule_decay": 0.1,
-       "bias": "copy", "budget": "global", **defaults}
-  m = _owner(module_name)
-  flags.DEFINE_integer("seeds", d["seeds"], "Seeds per point (init, minibatches, splits).",
-                       **m)
-  flags.DEFINE_integer("seed", d["seed"], "Base seed; every key derives from it.", **m)
-  flags.DEFINE_integer("warmup_steps", d["warmup_steps"], "Dense steps before expansion.", **m)
-  flags.DEFINE_integer("steps", d["steps"], "Steps after expansion (every arm).", **m)
+  d = {"alphas": ["2", "4"], "seeds": 3, "seed": 0, "warmup_steps": 500, "steps": 5000,
+       "chunk_steps": 500, "batch_size": 128, "optimizer": "adam", "learning_rate": 1e-3,
+       "weight_decay": 0.0, "schedule": "constant", "schedule_boundaries": [],
+       "schedule_decay": 0.1, "bias": "copy", "budget": "global", "matmul": "xla"}
+  unknown = sorted(set(defaults) - set(d))
+  if unknown:
+    raise TypeError(f"define_training_flags: no flag named {', '.join(unknown)}; "
+                    f"it defines {', '.join(d)}")
+  d.update(defaults)
+  flags.DEFINE_list("alphas", d["alphas"], "Expansion factors (children per neuron), "
+                    "integers >= 2.")
+  flags.DEFINE_integer("seeds", d["seeds"], "Seeds per point (init, minibatches, splits).")
+  flags.DEFINE_integer("seed", d["seed"], "Base seed; every key derives from it.")
+  flags.DEFINE_integer("warmup_steps", d["warmup_steps"], "Dense steps before expansion: "
+                       "below --chunk_steps (one short chunk) or a multiple of it.")
+  flags.DEFINE_integer("steps", d["steps"], "Steps after expansion (every arm), a multiple "
+                       "of --chunk_steps.")
   flags.DEFINE_integer("chunk_steps", d["chunk_steps"],
-                       "Steps per jitted call: the log and checkpoint period.", **m)
-  flags.DEFINE_integer("batch_size", d["batch_size"], "Minibatch size.", **m)
-  flags.DEFINE_enum("optimizer", d["optimizer"], train.OPTIMIZERS, "Optimiser.", **m)
-  flags.DEFINE_float("learning_rate", d["learning_rate"], "(Initial) learning rate.", **m)
+                       "Steps per jitted call: the log and checkpoint period.")
+  flags.DEFINE_integer("batch_size", d["batch_size"], "Minibatch size.")
+  flags.DEFINE_enum("optimizer", d["optimizer"], train.OPTIMIZERS, "Optimiser.")
+  flags.DEFINE_float("learning_rate", d["learning_rate"], "(Initial) learning rate.")
   flags.DEFINE_float("weight_decay", d["weight_decay"], "Weight decay: L2 for adam and sgd, "
-                     "decoupled for adamw (train.make_optimizer); 0: none.", **m)
+                     "decoupled for adamw (train.make_optimizer); 0: none.")
   flags.DEFINE_enum("schedule", d["schedule"], train.SCHEDULES, "Learning-rate schedule of "
-                    "each phase's optimiser steps (a fresh optimiser after the expansion "
-                    "restarts it); cosine decays over --warmup_steps + --steps.", **m)
+                    "the global step (the FPE arms' fresh optimiser after the expansion "
+                    "continues it); cosine decays over --warmup_steps + --steps.")
   flags.DEFINE_list("schedule_boundaries", d["schedule_boundaries"],
                     "--schedule=step: the steps at which the rate is multiplied by "
-                    "--schedule_decay.", **m)
+                    "--schedule_decay.")
   flags.DEFINE_float("schedule_decay", d["schedule_decay"],
-                     "--schedule=step: the factor, in (0, 1].", **m)
-  flags.DEFINE_enum("bias", d["bias"], fpe.BIAS_MODES, "Child biases (fpe.expand).", **m)
+                     "--schedule=step: the factor, in (0, 1].")
+  flags.DEFINE_enum("bias", d["bias"], fpe.BIAS_MODES, "Child biases (fpe.expand).")
   flags.DEFINE_enum("budget", d["budget"], fpe.BUDGET_MODES,
-                    "Budget-restoring prune over the expanded layers (fpe.expand).", **m)
+                    "Budget-restoring prune over the expanded layers (fpe.expand).")
+  flags.DEFINE_enum("matmul", d["matmul"], implementations.IMPLEMENTATIONS,
+                    "Masked matmuls of the FPE arms: XLA (w * mask), the block-sparse Pallas "
+                    "kernel (kernels_pallas; interpret mode on CPU, for checking only), or "
+                    "auto (the kernel on TPU / GPU, XLA on CPU).")
 
+  common.flag_validator("alphas", lambda v: bool(x := common.int_list(v)) and min(x) >= 2,
+                        "a comma list of integers >= 2 (children per neuron), e.g. 2,4")
   for name in ("seeds", "steps", "chunk_steps", "batch_size"):
     common.flag_validator(name, lambda v: v >= 1, "must be >= 1")
   common.flag_validator("warmup_steps", lambda v: v >= 0, "must be >= 0")
@@ -823,39 +876,41 @@ def define_training_flags(module_name: str, **defaults) -> None:
   common.flag_validator("schedule_decay", lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 
-def define_sweep_flags(module_name: str, **defaults) -> None:
-  """Defines the real-data binaries' sweep flags (grid + training), owned by `module_name`."""
-  grid = {"widths": ["8", "16", "32"], "alphas": ["2", "4"], "arms": list(ARMS),
-          "dense_ratios": ["1.2", "2"]}
+def define_sweep_flags(**defaults) -> None:
+  """Defines the real-data binaries' flags: the grid and `define_training_flags`' flags.
+
+  Call it once, when the binary is imported (the flags are filed under the binary, see
+  `define_training_flags`). `defaults` overrides a flag's default by name.
+  """
+  grid = {"widths": ["8", "16", "32"], "arms": list(ARMS), "dense_ratios": ["1.2", "2"]}
   grid.update({k: defaults.pop(k) for k in list(defaults) if k in grid})
-  m = _owner(module_name)
   flags.DEFINE_list("widths", grid["widths"], "Widths (neurons per hidden layer) before "
-                    "expansion; each must be >= every alpha.", **m)
-  flags.DEFINE_list("alphas", grid["alphas"], "Expansion factors (children per neuron), "
-                    "integers >= 2.", **m)
-  flags.DEFINE_list("arms", grid["arms"], f"Arms among {', '.join(ARMS)}.", **m)
+                    "expansion; each must be >= every alpha.")
+  flags.DEFINE_list("arms", grid["arms"], f"Arms among {', '.join(ARMS)}.")
   flags.DEFINE_list("dense_ratios", grid["dense_ratios"], "Larger dense models, as multiples "
-                    "(> 1) of dense width's non-zeros, for the equivalent dense size.", **m)
-  define_training_flags(module_name, **defaults)
+                    "(> 1) of dense width's non-zeros, for the equivalent dense size.")
+  define_training_flags(**defaults)
 
   common.flag_validator("widths", lambda v: bool(x := common.int_list(v)) and min(x) >= 1,
                         "a comma list of integers >= 1, e.g. 8,16,32")
-  common.flag_validator("alphas", lambda v: bool(x := common.int_list(v)) and min(x) >= 2,
-                        "a comma list of integers >= 2 (children per neuron), e.g. 2,4")
   common.flag_validator("arms", lambda v: bool(v) and set(v) <= set(ARMS),
                         f"a comma list of arms among {', '.join(ARMS)}")
   common.flag_validator("dense_ratios", lambda v: (x := common.float_list(v)) is not None
                         and all(r > 1 for r in x), "a comma list of numbers > 1, e.g. 1.2,2")
 
 
-def sweep_config(values, *, widths: Sequence[int], alphas: Sequence[int],
-                 arms: Sequence[str], dense_ratios: Sequence[float] = (),
-                 matmul: str = "xla") -> SweepConfig:
-  """The `SweepConfig` of a binary: its grid, and the training flags read from `values`.
+def sweep_config(values, *, widths: Sequence[int], arms: Sequence[str],
+                 dense_ratios: Sequence[float] = ()) -> SweepConfig:
+  """The `SweepConfig` of a binary: its grid, and the flags of `define_training_flags`.
 
-  Called by a binary's config function only, with absl's FLAGS as `values` (the flags of
-  `define_training_flags`, parsed and validated); runs the checks across them.
+  Called by a binary's config function only, with absl's FLAGS as `values` (parsed and
+  validated); runs the checks across the training flags, the same for every binary.
   """
+  common.validate("warmup_steps", values.warmup_steps < values.chunk_steps
+                  or values.warmup_steps % values.chunk_steps == 0,
+                  "must be below --chunk_steps (one short chunk) or a multiple of it")
+  common.validate("steps", values.steps % values.chunk_steps == 0,
+                  "must be a multiple of --chunk_steps")
   devices = len(jax.devices())
   common.validate("batch_size", values.batch_size % devices == 0,
                   f"must be divisible by the {devices} devices of the data mesh")
@@ -864,7 +919,8 @@ def sweep_config(values, *, widths: Sequence[int], alphas: Sequence[int],
                   "needed by --schedule=step, and only by it")
   order = ("dense",) + fpe.SPLITS + ("dropconnect",)
   return SweepConfig(
-      widths=tuple(sorted(set(widths))), alphas=tuple(sorted(set(alphas))),
+      widths=tuple(sorted(set(widths))),
+      alphas=tuple(sorted(set(common.int_list(values.alphas)))),
       arms=tuple(a for a in order if a in arms),
       dense_ratios=tuple(sorted(set(dense_ratios))), seeds=values.seeds, seed=values.seed,
       warmup_steps=values.warmup_steps, steps=values.steps, chunk_steps=values.chunk_steps,
@@ -872,7 +928,7 @@ def sweep_config(values, *, widths: Sequence[int], alphas: Sequence[int],
       learning_rate=values.learning_rate, weight_decay=values.weight_decay,
       schedule=values.schedule, schedule_boundaries=boundaries,
       schedule_decay=values.schedule_decay, bias=values.bias, budget=values.budget,
-      matmul=matmul)
+      matmul=values.matmul)
 
 
 def real_data_sweep_config(values) -> SweepConfig:
@@ -880,8 +936,5 @@ def real_data_sweep_config(values) -> SweepConfig:
   widths, alphas = common.int_list(values.widths), common.int_list(values.alphas)
   common.validate("widths", min(widths) >= max(alphas), "every width must be >= the largest "
                   "of --alphas (each neuron splits into alpha children)")
-  for name in ("warmup_steps", "steps"):
-    common.validate(name, getattr(values, name) % values.chunk_steps == 0,
-                    "must be a multiple of --chunk_steps")
-  return sweep_config(values, widths=widths, alphas=alphas, arms=values.arms,
+  return sweep_config(values, widths=widths, arms=values.arms,
                       dense_ratios=common.float_list(values.dense_ratios))

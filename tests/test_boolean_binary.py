@@ -104,15 +104,27 @@ def test_pallas_matmul_trains_like_xla(tmp_path):
     assert a["capacity"]["mean"] == pytest.approx(b["capacity"]["mean"], rel=1e-4)
 
 
+# Dense and one split on 8 fake devices: the data-parallel and the 8-device resume checks.
+# --steps stays TINY's, so the dense phase lasts long enough to be killed in.
+EIGHT_DEVICE_ARGS = TINY + ["--splits=dense,random", "--run_name=tiny"]
 
-def test_data_parallel_over_8_devices_gives_the_1_device_numbers(tmp_path):
+
+@pytest.fixture(scope="module")
+def eight_device_run(tmp_path_factory):
+  """The workdir of an uninterrupted 8-device run of EIGHT_DEVICE_ARGS."""
+  workdir = tmp_path_factory.mktemp("eight_devices")
+  run = _run(EIGHT_DEVICE_ARGS, workdir, devices=8, timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  return workdir
+
+
+def test_data_parallel_over_8_devices_gives_the_1_device_numbers(tmp_path, eight_device_run):
   """On a multi-device host each minibatch is split over the `data` mesh axis."""
-  args = TINY + ["--splits=dense,random", "--steps=200", "--run_name=tiny"]
+  one = _run(EIGHT_DEVICE_ARGS, tmp_path, timeout=600)
+  assert one.returncode == 0, one.stderr[-2000:]
   points = {}
-  for devices in (1, 8):
-    run = _run(args, tmp_path / str(devices), devices=devices, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    results = _results_without_flags(tmp_path / str(devices), "tiny")
+  for devices, workdir in ((1, tmp_path), (8, eight_device_run)):
+    results = _results_without_flags(workdir, "tiny")
     assert results["devices"] == devices
     points[devices] = results["points"]
   for a, b in zip(points[1], points[8], strict=True):
@@ -120,3 +132,30 @@ def test_data_parallel_over_8_devices_gives_the_1_device_numbers(tmp_path):
     # All-reduced gradients sum in another order: equal up to float rounding.
     assert a["accuracy"]["mean"] == pytest.approx(b["accuracy"]["mean"], abs=0.02)
     assert a["capacity"]["mean"] == pytest.approx(b["capacity"]["mean"], rel=1e-3)
+
+
+def test_8_device_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_results(
+    tmp_path, eight_device_run):
+  """Restored states are replicated over the data mesh, as fresh ones are (no device clash)."""
+  checkpoints = tmp_path / "boolean" / "tiny" / "checkpoints"
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.boolean", f"--workdir={tmp_path}",
+                           *EIGHT_DEVICE_ARGS], cwd=ROOT, env=subprocess_env(8),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  # Kill once the warm-up is saved, within the dense phase (the same program, 12 chunks): the
+  # resumed run restores a checkpoint and trains on from it.
+  while (time.time() < deadline and proc.poll() is None
+         and not (checkpoints / "h4_warmup" / "100").exists()):
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert (checkpoints / "h4_warmup" / "100").exists()
+  assert not (checkpoints / "h4_dense" / "1300").exists(), "killed too late: no restore to test"
+
+  resumed = _run(EIGHT_DEVICE_ARGS, tmp_path, devices=8, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "(resuming)" in resumed.stdout
+  killed = _results_without_flags(tmp_path, "tiny")
+  assert killed["devices"] == 8
+  assert killed == _results_without_flags(eight_device_run, "tiny")

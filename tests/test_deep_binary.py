@@ -46,6 +46,9 @@ def test_tiny_run(tmp_path):
     (["--widths=2", "--alphas=4"], "--widths"),
     (["--tasks=resnet"], "--tasks"),
     (["--data_dir=/nonexistent/fashion"], "install_data.sh"),
+    (["--warmup_steps=750"], "--warmup_steps"),  # --chunk_steps=500: neither below nor a multiple
+    (["--steps=750"], "--steps"),
+    (["--matmul=triton"], "--matmul"),
 ])
 def test_bad_input(tmp_path, args, flag):
   assert_refused(_run(args, tmp_path), flag, tmp_path / "runs")

@@ -4,13 +4,15 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 from binaries import assert_refused
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--tasks=sentiment", "--max_rows=240", "--widths=4", "--alphas=2",
         "--arms=dense,random,dropconnect", "--dense_ratios=2", "--seeds=2",
-        "--warmup_steps=20", "--steps=20", "--chunk_steps=20", "--batch_size=16"]
+        "--warmup_steps=10", "--steps=20", "--chunk_steps=20", "--batch_size=16"]
+# --warmup_steps below --chunk_steps: every warm-up (dense, dense x 2) is one short chunk.
 
 
 def _run(args, tmp_path, prelude=""):
@@ -63,6 +65,8 @@ def test_tiny_run_resume_and_refusal(tmp_path):
     (["--widths=1", "--alphas=2"], "--widths"),
     (["--tasks=genre"], "--tasks"),
     (["--arms=dense,magic"], "--arms"),
+    (["--warmup_steps=750"], "--warmup_steps"),  # --chunk_steps=500: neither below nor a multiple
+    (["--matmul=triton"], "--matmul"),
 ])
 def test_bad_flags(tmp_path, args, flag):
   assert_refused(_run(args, tmp_path), flag, tmp_path / "runs")
@@ -129,3 +133,47 @@ def test_summaries_pair_gains_by_seed():
   assert random["capacity_fold"]["mean"] == 1.0
   assert "accuracy_gain" not in points[0]
   assert random["equivalent_dense_size"] == {"ratio": 2.0, "bound": ">="}
+
+
+def _sweep_config(fpe_sweep, **changes):
+  base = dict(widths=(4,), alphas=(2,), arms=("dense", "random"), dense_ratios=(), seeds=1,
+              seed=0, warmup_steps=3, steps=6, chunk_steps=3, batch_size=8, optimizer="sgd",
+              learning_rate=1.0, weight_decay=0.0, schedule="constant", schedule_boundaries=(),
+              schedule_decay=0.5, bias="copy", budget="global")
+  return fpe_sweep.SweepConfig(**{**base, **changes})
+
+
+def _rates(optimizer, first_step: int, end_step: int) -> dict[int, float]:
+  """{global step t: learning rate} of a fresh state made at `first_step` (SGD, gradient 1)."""
+  params = {"w": jnp.zeros(())}
+  state, rates = optimizer.init(params), {}
+  for t in range(first_step, end_step):
+    updates, state = optimizer.update({"w": jnp.ones(())}, state, params)
+    rates[t] = -float(updates["w"])
+  return rates
+
+
+@pytest.mark.parametrize("schedule, boundaries", [("step", (2, 5, 7)), ("cosine", ()),
+                                                  ("constant", ())])
+def test_fpe_arms_train_at_the_dense_rate_of_the_same_step(schedule, boundaries):
+  """The FPE arms' fresh optimiser (made at the warm-up's end) runs the schedule of the
+  global step: at step t its rate is dense's, whose optimiser state began at step 0."""
+  from experiments import fpe_sweep  # pylint: disable=import-outside-toplevel
+
+  cfg = _sweep_config(fpe_sweep, schedule=schedule, schedule_boundaries=boundaries)
+  total = cfg.warmup_steps + cfg.steps
+  dense = _rates(fpe_sweep.make_optimizer(cfg), 0, total)
+  expanded = _rates(fpe_sweep.make_optimizer(cfg, first_step=cfg.warmup_steps),
+                    cfg.warmup_steps, total)
+  assert expanded == {t: dense[t] for t in range(cfg.warmup_steps, total)}
+  if schedule == "step":  # boundaries 5 and 7 fall after the expansion (step 3)
+    assert sorted(set(expanded.values()), reverse=True) == [0.5, 0.25, 0.125]
+  if schedule == "constant":
+    assert set(dense.values()) == {1.0}
+
+
+def test_training_flag_defaults_name_real_flags():
+  from experiments import fpe_sweep  # pylint: disable=import-outside-toplevel
+
+  with pytest.raises(TypeError, match="warmup"):
+    fpe_sweep.define_training_flags(warmup=10)  # raised before any flag is defined
