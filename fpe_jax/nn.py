@@ -56,7 +56,7 @@ def layer_paths(params: Mapping) -> list[LayerPath]:
   an `nnx.List` of `nnx.Linear` (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`)
   `[("layers", 0), ("layers", 1), ...]`. Paths are put in natural order (`Dense_2` before
   `Dense_10`, integers numerically); a tree whose names do not sort in forward order
-  needs its layers named explicitly (`fpe.expand(..., layers=...)`).
+  needs its layers named explicitly (`fpe.expand(..., layer_paths=...)`).
 
   Raises:
     ValueError: if there is no dense layer, or consecutive layers do not chain
@@ -71,7 +71,7 @@ def layer_paths(params: Mapping) -> list[LayerPath]:
     if d_out != d_in:
       raise ValueError(
           f"layers {format_path(first)} (d_out {d_out}) and {format_path(second)} (d_in "
-          f"{d_in}) do not chain: name the layers in forward order (layers=...)")
+          f"{d_in}) do not chain: name the layers in forward order (layer_paths=...)")
   return found
 
 
