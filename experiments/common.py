@@ -436,7 +436,8 @@ def check_finite(phase: str, step: int, loss) -> None:
     raise DivergedError(
         f"phase {phase}: the loss is not finite by step {step}"
         + (f" (runs {runs})" if loss.ndim else "")
-        + "; the last checkpoint holds the state before it (lower --learning_rate?)")
+        + "; the last checkpoint holds the state before it (check the learning rate and "
+        "the loss weights)")
 
 
 def summarize_metrics(metrics: dict) -> dict:

@@ -867,7 +867,8 @@ def define_training_flags(**defaults) -> None:
   for name in ("seeds", "steps", "chunk_steps", "batch_size"):
     common.flag_validator(name, lambda v: v >= 1, "must be >= 1")
   common.flag_validator("warmup_steps", lambda v: v >= 0, "must be >= 0")
-  common.flag_validator("learning_rate", lambda v: v > 0, "must be > 0")
+  common.flag_validator("learning_rate", lambda v: 0 < v < float("inf"),
+                        "must be a finite number > 0")
   common.flag_validator("weight_decay", lambda v: 0 <= v < float("inf"),
                         "must be a finite number >= 0")
   common.flag_validator("schedule_boundaries", lambda v: (x := common.int_list(v)) is not None

@@ -44,6 +44,7 @@ skipped on resume).
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -91,6 +92,7 @@ LOSS_WEIGHT_FLAGS = {
 }
 for _name, _help in LOSS_WEIGHT_FLAGS.items():
   flags.DEFINE_float(_name, getattr(ensemble.DEFAULT_LOSS_CONFIG, _name), _help)
+  common.flag_validator(_name, math.isfinite, "must be a finite number")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("train_steps", 2000, "Optimiser steps per ensemble.")
@@ -138,7 +140,7 @@ for _name in ("num_members", "n_eval", "eval_batch_size", "width", "hidden", "ba
 for _name in ("train_size", "clean_eval_size", "data_devices"):
   common.flag_validator(_name, lambda v: v >= 0, "must be >= 0")
 for _name in ("learning_rate", "step_fraction"):
-  common.flag_validator(_name, lambda v: v > 0, "must be > 0")
+  common.flag_validator(_name, lambda v: 0 < v < float("inf"), "must be a finite number > 0")
 
 
 # ----------------------------------------------------------------------------- config

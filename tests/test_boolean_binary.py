@@ -31,6 +31,7 @@ def _run(args, workdir, devices=1, **kw):
     (["--warmup_steps=150"], "--warmup_steps"),
     (["--schedule=step"], "--schedule_boundaries"),
     (["--weight_decay=-1"], "--weight_decay"),
+    (["--learning_rate=inf"], "--learning_rate"),
     (["--matmul=triton"], "--matmul"),
 ])
 def test_bad_flags_fail_on_one_line_and_write_nothing(tmp_path, args, flag):

@@ -58,6 +58,8 @@ def eight_device_run(tmp_path_factory):
     (["--attack_losses=hinge"], "--attack_losses"),
     (["--num_members=1", "--methods=independent,gal"], "--num_members"),
     (["--eval_batch_size=7"], "--eval_batch_size"),
+    (["--lam_dir=nan"], "--lam_dir"),
+    (["--learning_rate=inf"], "--learning_rate"),
     (["--member_devices=2"], "--member_devices"),  # one device
     (["--data_devices=3"], "--data_devices"),
     (["--clean_eval_size=0", "--n_eval=2000"], "--n_eval"),  # more than the 1,000 test images
