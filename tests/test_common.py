@@ -161,7 +161,7 @@ def _mount_tmpfs(path, size: str) -> str | None:
 
 def test_a_full_disk_stops_on_one_line_and_keeps_the_last_checkpoint(tmp_path):
   disk = tmp_path / "disk"
-  why_not = _mount_tmpfs(disk, "400k")
+  why_not = _mount_tmpfs(disk, "320k")
   if why_not:
     pytest.skip(why_not)
   try:
