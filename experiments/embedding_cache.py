@@ -3,8 +3,11 @@
 The cache key is sha256(model files) + sha256(texts, in order), so a changed model or a
 changed data set never reads stale embeddings. Files go to
 `$FPE_JAX_DATA/embeddings/` (default `~/.cache/fpe_jax/embeddings/`): `<key>.npy` with the
-[n, d] float32 embeddings and `<key>.json` with what they were computed from. Writes are
-atomic (temporary file, then rename), so an interrupted run leaves no half cache.
+[n, d] float32 embeddings and `<key>.json` with what they were computed from and the
+sha256 of the array's bytes. Writes are atomic (temporary file, then rename), so an
+interrupted run leaves no half cache; a cache entry is used only if it loads, matches its
+record (model, texts, shape, dtype, checksum) and is finite, else it is recomputed and the
+reason logged (`check_cache_entry`).
 """
 import hashlib
 import json
@@ -36,6 +39,35 @@ def texts_hash(texts: Sequence[str]) -> str:
     digest.update(len(data).to_bytes(8, "little"))
     digest.update(data)
   return digest.hexdigest()
+
+
+def array_hash(array: np.ndarray) -> str:
+  """sha256 of an array's bytes (C order)."""
+  return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def check_cache_entry(path: pathlib.Path, *, model_hash: str, data_hash: str,
+                      shape: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+  """Loads the cache entry `path` (.npy beside its .json record) if it is intact.
+
+  Returns:
+    (embeddings, "") when the entry loads and matches its record and the expected model,
+    texts, `shape`, float32 and checksum, and is finite; else (None, why not).
+  """
+  try:
+    meta = json.loads(path.with_suffix(".json").read_text())
+    emb = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:  # missing record, truncated or garbage file
+    return None, f"unreadable ({type(e).__name__}: {e})"
+  expected = {"model_hash": model_hash, "data_hash": data_hash, "sha256": array_hash(emb)}
+  wrong = [k for k, v in expected.items() if meta.get(k) != v]
+  if emb.shape != shape or emb.dtype != np.float32:
+    return None, f"holds {emb.dtype}{list(emb.shape)}, expected float32{list(shape)}"
+  if wrong:
+    return None, f"does not match its record ({', '.join(wrong)})"
+  if not np.all(np.isfinite(emb)):
+    return None, "holds non-finite values"
+  return emb, ""
 
 
 def _format_seconds(seconds: float) -> str:
@@ -116,12 +148,14 @@ def cached_embeddings(texts: Sequence[str], *, model: minilm_data.MiniLM | None 
   data_hash = texts_hash(texts)
   key = hashlib.sha256((model.model_hash + data_hash).encode()).hexdigest()[:32]
   path = cache_dir / f"minilm-{key}.npy"
-  if path.is_file():
-    emb = np.load(path)
-    if emb.shape[0] == len(texts):
+  if path.exists():
+    dim = model.params["embeddings"]["word"].shape[1]
+    emb, damage = check_cache_entry(path, model_hash=model.model_hash, data_hash=data_hash,
+                                    shape=(len(texts), dim))
+    if emb is not None:
       log(f"[embed] cache hit {path} ({emb.shape[0]} x {emb.shape[1]})")
       return emb
-    log(f"[embed] cache {path} has {emb.shape[0]} rows, expected {len(texts)}: recomputing")
+    log(f"[embed] cache {path} is {damage}: recomputing")
   log(f"[embed] computing {len(texts)} MiniLM embeddings -> {path}")
   emb = embed_texts(model, texts, batch_size=batch_size, log=log)
   cache_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +164,7 @@ def cached_embeddings(texts: Sequence[str], *, model: minilm_data.MiniLM | None 
   os.replace(tmp, path)
   meta = {"model_dir": str(model.model_dir), "model_hash": model.model_hash,
           "data_hash": data_hash, "num_texts": len(texts), "dim": int(emb.shape[1]),
-          "max_length": model.max_length}
+          "max_length": model.max_length, "sha256": array_hash(emb)}
   tmp_meta = path.with_suffix(f".tmp{os.getpid()}.json")
   tmp_meta.write_text(json.dumps(meta, indent=2))
   os.replace(tmp_meta, path.with_suffix(".json"))

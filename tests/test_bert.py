@@ -143,3 +143,46 @@ def test_embedding_cache_roundtrip(model, tmp_path):
   embedding_cache.cached_embeddings(texts[:2], model=model, cache_dir=tmp_path,
                                     log=lines.append)
   assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def _damage_truncate(path):
+  path.write_bytes(path.read_bytes()[:100])
+
+
+def _damage_garbage(path):
+  path.write_bytes(b"not an npy file at all")
+
+
+def _damage_one_value(path):  # a valid .npy whose values no longer match the checksum
+  emb = np.load(path)
+  emb[0, 0] += 1.0
+  np.save(path, emb)
+
+
+def _damage_dtype(path):
+  np.save(path, np.load(path).astype(np.float64))
+
+
+def _damage_record(path):
+  path.with_suffix(".json").unlink()
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_damage_truncate, "unreadable"), (_damage_garbage, "unreadable"),
+    (_damage_one_value, "does not match its record (sha256)"),
+    (_damage_dtype, "holds float64"), (_damage_record, "unreadable"),
+])
+def test_a_damaged_cache_entry_is_recomputed_and_says_why(model, tmp_path, damage, reason):
+  texts = list(SENTENCES[:3])
+  first = embedding_cache.cached_embeddings(texts, model=model, cache_dir=tmp_path,
+                                            log=lambda _: None)
+  (path,) = tmp_path.glob("*.npy")
+  damage(path)
+  lines = []
+  again = embedding_cache.cached_embeddings(texts, model=model, cache_dir=tmp_path,
+                                            log=lines.append)
+  assert any(reason in line and "recomputing" in line for line in lines), lines
+  np.testing.assert_array_equal(again, first)
+  lines.clear()  # and the recomputed entry is intact again
+  embedding_cache.cached_embeddings(texts, model=model, cache_dir=tmp_path, log=lines.append)
+  assert any("cache hit" in line for line in lines)
