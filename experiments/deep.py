@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 
 from experiments import common, fpe_sweep
-from fpe_jax.data import fashion_mnist
+from fpe_jax.data import fashion_mnist, subsets
 from fpe_jax.models import cnn
 
 FLAGS = flags.FLAGS
@@ -31,7 +31,8 @@ TASKS = ("mlp", "cnn")
 flags.DEFINE_list("tasks", list(TASKS), f"Tasks among {', '.join(TASKS)}.")
 flags.DEFINE_integer("depth", 5, "Hidden layers of the mlp task (all expanded, one budget).")
 flags.DEFINE_integer("cnn_channels", 8, "Channels of the cnn task's first conv.")
-flags.DEFINE_integer("train_size", 0, "Use the first N training images (0: all 60,000).")
+flags.DEFINE_integer("train_size", 0, "Train on a stratified sample of N of the 60,000 training "
+                     "images, drawn by --seed (0: all of them).")
 flags.DEFINE_string("data_dir", "", "Folder of the Fashion-MNIST idx files (default: "
                     "Debian's /usr/share/datasets/fashion-mnist).")
 fpe_sweep.define_sweep_flags()
@@ -40,7 +41,8 @@ common.flag_validator("tasks", lambda v: bool(v) and set(v) <= set(TASKS),
                       f"a comma list of tasks among {', '.join(TASKS)}")
 common.flag_validator("depth", lambda v: v >= 1, "must be >= 1")
 common.flag_validator("cnn_channels", lambda v: v >= 1, "must be >= 1")
-common.flag_validator("train_size", lambda v: 0 <= v <= 60000, "must be in [0, 60000]")
+common.flag_validator("train_size", lambda v: v == 0 or 10 <= v <= 60000,
+                      "must be 0 (all) or in [10, 60000] (a sample holding the 10 classes)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Config:
     tasks: among TASKS.
     depth: hidden layers of the mlp task.
     cnn_channels: channels of the cnn task's first conv.
-    train_size: training images used (0: all).
+    train_size: training images used, a stratified sample drawn by the sweep seed (0: all).
     data_dir: the Fashion-MNIST folder ("": the default).
     sweep: the sweep.
   """
@@ -104,7 +106,8 @@ def load_tasks(cfg: Config) -> dict:
   except FileNotFoundError as e:
     raise common.UsageError(f"--data_dir: {e}") from e
   if cfg.train_size:
-    x_train, y_train = x_train[:cfg.train_size], y_train[:cfg.train_size]
+    keep = subsets.stratified_subset(y_train, cfg.train_size, cfg.sweep.seed)
+    x_train, y_train = x_train[keep], y_train[keep]
   standardise = lambda x: (x - fashion_mnist.PIXEL_MEAN) / fashion_mnist.PIXEL_STD
   x_train, x_test = standardise(x_train), standardise(x_test)
   tasks = {}
