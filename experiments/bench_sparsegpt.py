@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import common
+from experiments import common, llm_setup
 from fpe_jax import sparse
 
 FLAGS = flags.FLAGS
@@ -48,6 +48,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the random weights, inputs and windows.
 flags.DEFINE_list("recon_layers", [], "SmolLM2 blocks for the error table.")
 flags.DEFINE_integer("recon_windows", 8, "Calibration windows (error table).")
 flags.DEFINE_integer("recon_window", 256, "Tokens per window (error table).")
+common.seed_validator("seed")
 
 
 def parse_shape(text: str) -> tuple[int, int] | None:
@@ -175,14 +176,23 @@ def _recon_table(config: Config):
   from fpe_jax.data import austen, gguf_loader
   from fpe_jax.models import llama
 
-  ckpt = gguf_loader.load_llama_gguf()
+  try:
+    ckpt = gguf_loader.load_llama_gguf()
+  except (FileNotFoundError, ImportError) as e:  # the messages name the install script
+    raise common.UsageError(f"data not installed: {e}") from None
   cfg, params = ckpt.config, jax.tree.map(jnp.asarray, ckpt.params)
   if not all(0 <= layer < cfg.n_layers for layer in layers):
     raise common.UsageError(f"--recon_layers: must be in [0, {cfg.n_layers}), got {layers}")
-  calib, held_out = austen.calibration_and_eval_windows(
-      lambda text: ckpt.tokenizer.encode(text).ids, calib_windows=config.recon_windows,
-      calib_window=config.recon_window, eval_window=config.recon_window,
-      eval_windows=config.recon_windows, seed=config.seed)
+  llm_setup.check_context(ckpt, recon_window=config.recon_window)
+  try:
+    calib, held_out = austen.calibration_and_eval_windows(
+        lambda text: ckpt.tokenizer.encode(text).ids, calib_windows=config.recon_windows,
+        calib_window=config.recon_window, eval_window=config.recon_window,
+        eval_windows=config.recon_windows, seed=config.seed)
+  except FileNotFoundError as e:
+    raise common.UsageError(f"data not installed: {e}") from None
+  except ValueError as e:  # a window longer than the text
+    raise common.UsageError(f"--recon_window: {e}") from None
   configs = [("50%", dict(sparsity=0.5)), ("70%", dict(sparsity=0.7)), ("2:4", dict(n_m=(2, 4)))]
   print(f"relative layer error ||XW - XW'||^2 / ||XW||^2, {calib.size} calibration tokens "
         f"(calib) and {held_out.size} held-out tokens (eval)")

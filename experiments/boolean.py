@@ -20,6 +20,7 @@ per (clause count, seed) run), the clause split's formula and the paper's claims
 import dataclasses
 import functools
 import itertools
+import math
 import time
 
 import jax
@@ -53,8 +54,10 @@ common.flag_validator("neurons", lambda v: (x := common.int_list(v)) and min(x) 
                       "a comma list of integers >= 1, e.g. 8,16")
 common.flag_validator("splits", lambda v: bool(v) and set(v) <= set(SPLIT_CHOICES),
                       f"a comma list of splits among {', '.join(SPLIT_CHOICES)}")
-for _name in ("d", "k", "depth", "train_size", "test_size"):
+for _name in ("d", "k", "depth"):
   common.flag_validator(_name, lambda v: v >= 1, "must be >= 1")
+for _name in ("train_size", "test_size"):
+  common.flag_validator(_name, lambda v: v >= 2, "must be >= 2 (a balanced set of both classes)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,10 @@ def config_from_flags() -> Config:
   """The config of the parsed flags; raises `common.UsageError` on a bad combination."""
   f = FLAGS
   common.validate("k", f.k <= f.d, "a clause needs k distinct variables, so k must be <= --d")
+  distinct = math.comb(f.d, f.k) * 2**f.k  # k variables of d, each literal signed
+  common.validate("clauses", max(common.int_list(f.clauses)) <= distinct,
+                  f"a formula has at most {distinct} distinct clauses of --k={f.k} literals "
+                  f"on --d={f.d} variables")
   common.validate("layer", 0 <= f.layer < f.depth,
                   "must index a hidden layer, in [0, --depth - 1]")
   common.validate("splits", "clause" not in f.splits or f.layer == 0,
@@ -210,9 +217,11 @@ def main(argv):
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   common.maybe_initialize_distributed()
   cfg = config_from_flags()
+  run_dir = common.RunDir("boolean", __name__).check()
   t0 = time.perf_counter()
-  task = boolean_task(cfg)  # every formula and data set, before anything is written
-  run_dir, records = fpe_sweep.train_and_evaluate("boolean", __name__, [task], cfg.sweep)
+  with common.blame("clauses"):  # a class too rare to sample: too many or too short clauses
+    task = boolean_task(cfg)  # every formula and data set, before anything is written
+  records = fpe_sweep.train_and_evaluate(run_dir, [task], cfg.sweep)
   points = [published(p) for p in fpe_sweep.summarize(records, **POINT)]
   results = {"experiment": "boolean", "flags": run_dir.flags_text.splitlines(),
              "config": common.config_record(cfg), "devices": len(jax.devices()),

@@ -12,10 +12,13 @@ unless --overwrite. An unfinished one is resumed from its checkpoints when start
 with the same flags, and refused if the flags differ.
 """
 
+import contextlib
 import dataclasses
+import decimal
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import sys
@@ -53,12 +56,49 @@ class DivergedError(Exception):
 
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run` with flag and usage errors reported on one line and a non-zero exit."""
+  app.run(guard(main), flags_parser=parse_flags)
 
-  def parse(argv):
-    try:
-      return FLAGS(argv)
-    except flags.Error as e:
-      _fail(str(e).splitlines()[0])
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses argv into FLAGS; a flag error is one line and exit status 2."""
+  try:
+    argv = FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e).splitlines()[0])
+  try:
+    _check_every_flag()
+  except UsageError as e:
+    _fail(str(e))
+  return argv
+
+
+def _check_every_flag() -> None:
+  """The checks every binary's every flag gets, whatever its own validators say: an
+  integer fits in 64 bits (numpy and jax overflow past it), a float is finite (absl's
+  bounds let NaN through: every comparison with it is False), a list has no empty and no
+  repeated entries, nor one number spelled twice ("2,2.0": a repeated
+  sweep point would run twice and write one row over the other)."""
+  for flag in {id(f): f for f in FLAGS._flags().values()}.values():
+    value = flag.value
+    if isinstance(flag.parser, flags.IntegerParser) and value is not None:
+      validate(flag.name, -2**63 <= value < 2**63, f"{value} does not fit in 64 bits")
+    if isinstance(flag.parser, flags.FloatParser) and value is not None:
+      validate(flag.name, math.isfinite(value), f"must be a finite number, got {value}")
+    if isinstance(flag.parser, flags.ListParser) and value:
+      validate(flag.name, all(v.strip() for v in value),
+               f"has an empty entry in {','.join(value)!r}")
+      repeated = sorted({v for v in value if value.count(v) > 1})
+      validate(flag.name, not repeated, f"lists {', '.join(repeated)} more than once")
+      numbers = float_list(value)
+      if numbers is not None and len(set(numbers)) < len(numbers):
+        same = [v for v, x in zip(value, numbers, strict=True) if numbers.count(x) > 1]
+        validate(flag.name, False, f"lists one number twice ({', '.join(same)})")
+
+
+def guard(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """`main` with bad input (UsageError) reported as one line and exit 2, divergence as one
+  line and exit 1, Ctrl-C and a full disk as one line; any other error keeps its
+  traceback (it is a bug, not the user's input)."""
 
   def guarded(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -77,7 +117,7 @@ def run(main: Callable[[list[str]], None]) -> None:
               "the last checkpoint, which is intact", status=1)
       raise
 
-  app.run(guarded, flags_parser=parse)
+  return guarded
 
 
 def _fail(message: str, status: int = 2) -> None:
@@ -116,6 +156,27 @@ def flag_validator(name: str, check: Callable, message: str) -> None:
   flags.register_validator(name, check, message=f"--{name}: {message}")
 
 
+# jax.random.key keeps 32 bits of a seed without x64: key(2**32) is key(0).
+SEED_LIMIT = 2**32
+
+
+def seed_validator(name: str) -> None:
+  """Refuses a seed flag outside [0, 2**32): negative (numpy refuses it) or one that
+  jax.random.key would silently alias to a smaller seed."""
+  flag_validator(name, lambda v: 0 <= v < SEED_LIMIT, f"must be in [0, {SEED_LIMIT - 1}]")
+
+
+@contextlib.contextmanager
+def blame(flag: str):
+  """Reports a library's ValueError or FileNotFoundError raised inside as bad input to
+  `--flag` (one line, exit 2). Wrap only calls whose errors can come from that flag's
+  value: an error the user cannot fix by changing it is a bug and keeps its traceback."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError) as e:
+    raise UsageError(f"--{flag}: {e}") from e
+
+
 def _single_component(name: str | None) -> bool:
   return name is None or (name not in ("", ".", "..") and "/" not in name
                           and os.sep not in name and "\0" not in name)
@@ -142,11 +203,24 @@ def int_list(values: Sequence[str]) -> list[int] | None:
 
 
 def float_list(values: Sequence[str]) -> list[float] | None:
-  """A comma-list flag's values as floats, or None if one is not a number."""
+  """A comma-list flag's values as floats, or None if one is not a finite number."""
   try:
-    return [float(v) for v in values]
+    numbers = [float(v) for v in values]
   except ValueError:
     return None
+  return numbers if all(map(math.isfinite, numbers)) else None
+
+
+def number_label(x: float) -> str:
+  """A number as a name (a sweep point's label, its checkpoint folder): the shortest
+  decimal that round-trips, so distinct numbers never share a name ("%g" gives 1.2 for
+  1.2 and 1.2000001). 2.0 -> "2", 1.2 -> "1.2", 0.504 -> "0.504"."""
+  return format(decimal.Decimal(repr(float(x))).normalize(), "f")
+
+
+def percent_label(x: float) -> str:
+  """A fraction as an exact percentage label: 0.5 -> "50%", 0.504 -> "50.4%"."""
+  return format((decimal.Decimal(repr(float(x))) * 100).normalize(), "f") + "%"
 
 
 def config_record(config) -> dict:
@@ -191,6 +265,7 @@ class RunDir:
   """
 
   def __init__(self, experiment: str, module_name: str):
+    self.experiment = experiment
     self.path = os.path.join(FLAGS.workdir, experiment, FLAGS.run_name or experiment)
     self.flags_text = resolved_flags(module_name)
     self.resumed = False
@@ -204,35 +279,46 @@ class RunDir:
   def plots(self) -> str:
     return os.path.join(self.path, "plots")
 
-  def open(self) -> "RunDir":
-    """Creates the directory, or resumes/refuses an existing one (see module doc)."""
-    self._check_workdir()
-    self._lock()
-    flags_file = os.path.join(self.path, "flags.txt")
-    if os.path.exists(self.path):
-      finished = os.path.exists(os.path.join(self.path, "results.json"))
-      same_flags = (scientific_flags(read_text(flags_file))
-                    == scientific_flags(self.flags_text))
-      if FLAGS.overwrite:
-        self._delete()
-      elif finished:
-        raise UsageError(f"run {self.path} is finished; pass --overwrite to delete it (its "
-                         "checkpoints, logs and results) and run it again, or another "
-                         "--run_name")
-      elif not same_flags:
-        raise UsageError(
-            f"run {self.path} exists with other flags (see its flags.txt); pass another "
-            "--run_name, or --overwrite to delete it (its checkpoints, logs and results)")
-      else:
-        self.resumed = True
-    os.makedirs(self.plots, exist_ok=True)
-    write_text(flags_file, self.flags_text)
-    return self
-
-  def _check_workdir(self) -> None:
+  def check(self) -> "RunDir":
+    """Refuses, writing nothing, what `open` would refuse: a --workdir that is a file, a
+    finished run, or one with other flags (unless --overwrite). Binaries call it before
+    their slow setup (data, embeddings, models), so a refusal comes at once."""
     for folder in (FLAGS.workdir, os.path.dirname(self.path), self.path):
       if os.path.exists(folder) and not os.path.isdir(folder):
         raise UsageError(f"--workdir: {folder} is a file, not a folder")
+    if os.path.exists(self.path) and not FLAGS.overwrite:
+      self._refuse_existing()
+    return self
+
+  def _refuse_existing(self) -> None:
+    finished = os.path.exists(os.path.join(self.path, "results.json"))
+    same_flags = (scientific_flags(read_text(os.path.join(self.path, "flags.txt")))
+                  == scientific_flags(self.flags_text))
+    if finished:
+      raise UsageError(f"run {self.path} is finished; pass --overwrite to delete it (its "
+                       "checkpoints, logs and results) and run it again, or another "
+                       "--run_name")
+    if not same_flags:
+      raise UsageError(
+          f"run {self.path} exists with other flags (see its flags.txt); pass another "
+          "--run_name, or --overwrite to delete it (its checkpoints, logs and results)")
+
+  def open(self) -> "RunDir":
+    """Creates the directory, or resumes/refuses an existing one (see module doc)."""
+    self.check()
+    self._make_parent()
+    self._lock()
+    if os.path.exists(self.path):
+      if FLAGS.overwrite:
+        self._delete()
+      else:
+        self._refuse_existing()  # again: it may have changed while this process waited
+        self.resumed = True
+    os.makedirs(self.plots, exist_ok=True)
+    write_text(os.path.join(self.path, "flags.txt"), self.flags_text)
+    return self
+
+  def _make_parent(self) -> None:
     try:
       os.makedirs(os.path.dirname(self.path), exist_ok=True)
     except OSError as e:

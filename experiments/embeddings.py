@@ -15,6 +15,7 @@ their mean ± std over seeds, the gain over dense and the equivalent dense size.
 
 import dataclasses
 import functools
+import pathlib
 
 import numpy as np
 from absl import flags
@@ -29,6 +30,7 @@ flags.DEFINE_list("tasks", list(rotten_tomatoes.TASKS),
 flags.DEFINE_integer("depth", 1, "Hidden layers of the head (all expanded, one budget).")
 flags.DEFINE_float("test_fraction", 0.2, "Share of each class held out for test.")
 flags.DEFINE_integer("data_seed", 0, "Seed of the stratified train/test split.")
+common.seed_validator("data_seed")
 flags.DEFINE_integer("max_rows", 0, "Use only the first N review rows of the corpus "
                      "(0: all 12,808); for smoke tests.")
 flags.DEFINE_string("cache_dir", "", "Embedding cache folder (default "
@@ -109,10 +111,23 @@ def load_tasks(cfg: Config) -> dict:
                                      seed=cfg.data_seed)
     common.validate("max_rows", task.num_classes >= 2,
                     f"{cfg.max_rows} rows leave task {name!r} fewer than 2 classes")
+    for part, rows in (("training", task.train), ("test", task.test)):
+      missing = task.num_classes - len(np.unique(task.labels[rows]))
+      common.validate("max_rows" if cfg.max_rows else "test_fraction", not missing,
+                      f"task {name!r} has no {part} example of {missing} of its "
+                      f"{task.num_classes} classes (--max_rows={cfg.max_rows}, "
+                      f"--test_fraction={cfg.test_fraction})")
     tasks[name] = task
+  cache_dir = (pathlib.Path(cfg.cache_dir) if cfg.cache_dir
+               else embedding_cache.default_cache_dir())
+  try:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise common.UsageError(f"--cache_dir: cannot use {cache_dir} as a folder: "
+                            f"{e.strerror}") from None
   # All tasks are rows of the same snippets: one embedding pass (and cache entry) for all.
   emb = embedding_cache.cached_embeddings(reviews.texts, model=model,
-                                          cache_dir=cfg.cache_dir or None,
+                                          cache_dir=cache_dir,
                                           batch_size=cfg.embed_batch,
                                           log=lambda line: print(line, flush=True))
   out = {}

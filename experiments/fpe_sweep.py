@@ -223,14 +223,19 @@ def dense_param_count(spec: ModelSpec, width: int) -> int:
 def width_for_ratio(spec: ModelSpec, width: int, ratio: float) -> int:
   """The head width (> width) whose dense count is nearest `ratio` x width's count."""
   target = ratio * dense_param_count(spec, width)
-  best, candidate = width + 1, width + 1
-  while True:
-    count = dense_param_count(spec, candidate)
-    if abs(count - target) < abs(dense_param_count(spec, best) - target):
-      best = candidate
-    if count >= target:
-      return best
-    candidate += 1
+  # The count grows with the width: bisect for the first width reaching the target, then
+  # take it or the one below, whichever is nearer (the smaller on a tie).
+  low, high = width + 1, width + 1
+  while dense_param_count(spec, high) < target:
+    low, high = high + 1, 2 * high
+  while low < high:
+    middle = (low + high) // 2
+    low, high = (middle + 1, high) if dense_param_count(spec, middle) < target else (low, middle)
+  below = high - 1
+  if below > width and (abs(dense_param_count(spec, below) - target)
+                        <= abs(dense_param_count(spec, high) - target)):
+    return below
+  return high
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -454,11 +459,12 @@ class Sweep:
     for ratio in cfg.dense_ratios:
       big = width_for_ratio(self.task.spec, width, ratio)
       state = self.init_states(self.dense_models(big))
-      phase = f"h{width}_dense{ratio:g}x"
+      phase = f"h{width}_dense{common.number_label(ratio)}x"
       if cfg.warmup_steps:  # as dense: a warm-up below one chunk is one short chunk
         state = self.run_phase(f"{phase}_warmup", state, everyone, cfg.warmup_steps)
       state = self.run_phase(phase, state, everyone, total)
-      records += self.evaluate(state, everyone, width, arm=f"dense_x{ratio:g}", alpha=1,
+      records += self.evaluate(state, everyone, width,
+                               arm=f"dense_x{common.number_label(ratio)}", alpha=1,
                                head_width=big)
     return records
 
@@ -531,19 +537,38 @@ def layer_metrics(params: dict, masks: dict, layers: Sequence[int]) -> dict:
           "unconnected_neurons": unconnected}
 
 
-def train_and_evaluate(experiment: str, module_name: str, tasks: Sequence[Task],
-                       cfg: SweepConfig) -> tuple[common.RunDir, list[dict]]:
-  """Opens the run directory and runs every task's sweep: (run_dir, records)."""
-  run_dir = common.RunDir(experiment, module_name).open()
+def check_task(task: Task, cfg: SweepConfig) -> None:
+  """The checks of the sweep against a task's data and model, before anything is written:
+  every neuron FPE splits has a fan-in of at least the largest alpha (each child needs an
+  incoming edge), and a minibatch is no larger than the training set (minibatches are
+  drawn with replacement, so a larger one would repeat examples in every step)."""
+  where = f"task {task.name}: " if task.name else ""
+  for width in cfg.widths:
+    sizes = task.spec.head_sizes(width)
+    fan_in = min(sizes[layer] for layer in task.spec.expand_layers)
+    common.validate("alphas", not cfg.fpe_splits or max(cfg.alphas) <= fan_in,
+                    f"{where}alpha={max(cfg.alphas)} children need at least one incoming edge "
+                    f"each, but a neuron of width {width} has {fan_in} inputs")
+  examples = task.data.y_train.shape[-1]
+  common.validate("batch_size", cfg.batch_size <= examples,
+                  f"{where}{cfg.batch_size} is more than the {examples} training examples")
+
+
+def train_and_evaluate(run_dir: common.RunDir, tasks: Sequence[Task],
+                       cfg: SweepConfig) -> list[dict]:
+  """Checks the tasks, opens `run_dir` and runs every task's sweep: the records."""
+  for task in tasks:
+    check_task(task, cfg)
+  run_dir.open()
   print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""),
         flush=True)
-  progress = common.Progress(experiment, planned_steps(cfg) * len(tasks))
+  progress = common.Progress(run_dir.experiment, planned_steps(cfg) * len(tasks))
   records = []
   for task in tasks:
     sweep = Sweep(task, cfg, run_dir, progress)
     for width in cfg.widths:
       records += sweep.run_width(width)
-  return run_dir, records
+  return records
 
 
 # ------------------------------------------------------------------------ summaries
@@ -784,13 +809,13 @@ def real_data_main(experiment: str, module_name: str, config_from_flags: Callabl
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   common.maybe_initialize_distributed()
   config = config_from_flags()
+  run_dir = common.RunDir(experiment, module_name).check()  # refuse before the slow setup
   t0 = time.perf_counter()
   tasks = load_tasks(config)
   print(f"data ready in {time.perf_counter() - t0:.0f} s ({len(jax.devices())} devices)",
         flush=True)
   t0 = time.perf_counter()
-  run_dir, records = train_and_evaluate(experiment, module_name,
-                                        real_data_tasks(tasks, config.sweep), config.sweep)
+  records = train_and_evaluate(run_dir, real_data_tasks(tasks, config.sweep), config.sweep)
   points = summarize(records, **REAL_DATA_POINT)
   results = {"experiment": experiment, "flags": run_dir.flags_text.splitlines(),
              "config": common.config_record(config), "devices": len(jax.devices()),
@@ -867,6 +892,7 @@ def define_training_flags(**defaults) -> None:
   for name in ("seeds", "steps", "chunk_steps", "batch_size"):
     common.flag_validator(name, lambda v: v >= 1, "must be >= 1")
   common.flag_validator("warmup_steps", lambda v: v >= 0, "must be >= 0")
+  common.seed_validator("seed")
   common.flag_validator("learning_rate", lambda v: 0 < v < float("inf"),
                         "must be a finite number > 0")
   common.flag_validator("weight_decay", lambda v: 0 <= v < float("inf"),
@@ -875,6 +901,11 @@ def define_training_flags(**defaults) -> None:
                         and x == sorted(set(x)) and all(b >= 1 for b in x),
                         "a comma list of increasing steps >= 1, e.g. 1000,2000")
   common.flag_validator("schedule_decay", lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+
+# The largest dense model a sweep trains, as a multiple of its smallest: a sanity bound
+# (1000 x of a 784-32-10 MLP is 25M parameters), not a scientific one.
+MAX_DENSE_RATIO = 1000
 
 
 def define_sweep_flags(**defaults) -> None:
@@ -897,7 +928,8 @@ def define_sweep_flags(**defaults) -> None:
   common.flag_validator("arms", lambda v: bool(v) and set(v) <= set(ARMS),
                         f"a comma list of arms among {', '.join(ARMS)}")
   common.flag_validator("dense_ratios", lambda v: (x := common.float_list(v)) is not None
-                        and all(r > 1 for r in x), "a comma list of numbers > 1, e.g. 1.2,2")
+                        and all(1 < r <= MAX_DENSE_RATIO for r in x),
+                        f"a comma list of numbers in (1, {MAX_DENSE_RATIO}], e.g. 1.2,2")
 
 
 def sweep_config(values, *, widths: Sequence[int], arms: Sequence[str],

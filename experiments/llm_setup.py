@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -21,6 +22,7 @@ from absl import flags
 from experiments import common
 from fpe_jax import sparse_expansion as se
 from fpe_jax.data import austen, gguf_loader
+from fpe_jax.models.llama import LlamaConfig
 from kernels_pallas import implementations
 
 # The DEFINEs in `define_flags` are attributed to the module that calls it (the binary),
@@ -57,7 +59,7 @@ def define_flags() -> None:
                     "`implementation`).")
 
   common.flag_validator("layers", _valid_layers,
-                        "must be 'all' or a comma-separated list of block indices")
+                        "must be 'all' or a comma-separated list of distinct block indices")
   for name in ("calib_windows", "batch_size", "kmeans_restarts", "kmeans_iters"):
     common.flag_validator(name, lambda v: v >= 1, "must be >= 1")
   for name in ("calib_window", "eval_window"):
@@ -65,6 +67,7 @@ def define_flags() -> None:
   common.flag_validator("eval_windows", lambda v: v >= 0, "must be >= 0 (0: all)")
   common.flag_validator("pca_components", lambda v: v >= 0, "must be >= 0 (0: d_in // 32)")
   common.flag_validator("damp", lambda v: v >= 0, "must be >= 0")
+  common.seed_validator("seed")
 
 
 def _parse_layers(spec: str) -> tuple[int, ...] | None:
@@ -72,8 +75,8 @@ def _parse_layers(spec: str) -> tuple[int, ...] | None:
   if spec == "all":
     return None
   layers = common.int_list(spec.split(","))
-  if not layers or min(layers) < 0:
-    raise ValueError(f"layers: {spec!r} is not 'all' or a list of block indices")
+  if not layers or min(layers) < 0 or len(set(layers)) < len(layers):
+    raise ValueError(f"layers: {spec!r} is not 'all' or a list of distinct block indices")
   return tuple(sorted(set(layers)))
 
 
@@ -179,16 +182,30 @@ class Prepared(NamedTuple):
   done: dict[str, dict]
 
 
-def prepare(experiment: str, module_name: str, setup: SetupConfig) -> Prepared:
-  """Loads the model and windows, checks --layers, then opens (or resumes) the run directory.
+def prepare(experiment: str, module_name: str, setup: SetupConfig,
+            check_model: Callable[[LlamaConfig], None] = lambda config: None) -> Prepared:
+  """Loads the model and windows, checks the flags against them, then opens (or resumes)
+  the run directory.
+
+  Args:
+    experiment, module_name: the run directory's experiment and the binary's module.
+    setup: the shared flags.
+    check_model: the binary's own checks against the model's config (raising
+      `common.UsageError`), run before the run directory is created.
 
   Raises:
-    common.UsageError: for a missing model or text, or --layers past the model's depth
-      (before the run directory is created).
+    common.UsageError: for a missing or malformed model, a missing text, windows longer
+      than the model's context or the text, --layers past the model's depth, or a
+      --pca_components above its width (before the run directory is created).
   """
+  run_dir = common.RunDir(experiment, module_name).check()
   ckpt, calib, held_out = load_model_and_windows(setup)
   layers = layer_list(setup.layers, ckpt.config.n_layers)
-  run_dir = common.RunDir(experiment, module_name).open()
+  common.validate("pca_components", (setup.pca_components or 0) <= ckpt.config.d_model,
+                  f"the router's PCA dimension must be at most the {ckpt.config.d_model} "
+                  "inputs of the smallest routed matrix")
+  check_model(ckpt.config)
+  run_dir.open()
   print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""))
   print(f"calibration {calib.shape}, held-out {held_out.shape}, layers {layers}")
   done = {}
@@ -210,14 +227,31 @@ def load_model_and_windows(setup: SetupConfig
     common.UsageError: naming --model_path when the model or the text is not installed.
   """
   try:
-    ckpt = gguf_loader.load_llama_gguf(setup.model_path or None)
+    with common.blame("model_path"):  # missing, not a GGUF file, not a Llama
+      ckpt = gguf_loader.load_llama_gguf(setup.model_path or None)
+  except ImportError as e:  # the gguf reader is not installed (the message names the script)
+    raise common.UsageError(f"data not installed: {e}") from None
+  check_context(ckpt, calib_window=setup.calib_window, eval_window=setup.eval_window)
+  try:
     calib, held_out = austen.calibration_and_eval_windows(
         lambda s: ckpt.tokenizer.encode(s).ids, calib_windows=setup.calib_windows,
         calib_window=setup.calib_window, eval_window=setup.eval_window,
         eval_windows=setup.eval_windows or None, seed=setup.seed)
-  except (FileNotFoundError, ImportError) as e:
-    raise common.UsageError(f"--model_path / data: {e}") from None
+  except FileNotFoundError as e:
+    raise common.UsageError(f"data not installed: {e}") from None
+  except ValueError as e:  # a window longer than the text
+    raise common.UsageError(f"--calib_window / --eval_window: {e}") from None
   return ckpt._replace(params=jax.device_put(ckpt.params)), calib, held_out
+
+
+def check_context(ckpt: gguf_loader.LlamaCheckpoint, **windows: int) -> None:
+  """UsageError naming the flag (a keyword of `windows`) whose window is longer than the
+  model's context: attention would work past it, but on positions the model never saw,
+  and its memory grows with the square of the window."""
+  for flag, window in windows.items():
+    common.validate(flag, ckpt.context_length is None or window <= ckpt.context_length,
+                    f"{window} tokens is longer than the model's context of "
+                    f"{ckpt.context_length}")
 
 
 def layer_list(layers: tuple[int, ...] | None, n_layers: int) -> list[int]:

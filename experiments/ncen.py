@@ -24,9 +24,12 @@ Devices: a 2-D mesh `data` x `member` (--data_devices x --member_devices). Membe
 split over `member`; each training minibatch is split over `data` and the gradients are
 all-reduced by XLA; the attacks run on the member-sharded params with whole batches.
 
+Subsets: --train_size and --clean_eval_size take stratified samples of their split
+(`fpe_jax.data.subsets.stratified_subset`, numpy seeded by --seed), never prefixes.
+
 PRNG streams, all from key = jax.random.key(--seed) by `fold_in`:
-  fold_in(key, 7)   the permutation of the clean test images (the first --clean_eval_size of
-                    the test split) whose first --n_eval are attacked;
+  fold_in(key, 7)   the permutation of the clean test images (the --clean_eval_size sample
+                    of the test split) whose first --n_eval are attacked;
   fold_in(key, 1)   every method's ensemble key (so all methods start from the same members);
   fold_in(key, 2)   the surrogate's ensemble key;
   for an ensemble key k: members are initialised from split(fold_in(k, 0), M), and
@@ -56,7 +59,7 @@ from absl import flags
 
 from experiments import common
 from fpe_jax import attacks, ensemble, sharding, train
-from fpe_jax.data import fashion_mnist, mnist5k
+from fpe_jax.data import fashion_mnist, mnist5k, subsets
 from fpe_jax.models import cnn
 
 FLAGS = flags.FLAGS
@@ -66,9 +69,10 @@ SURROGATE = "surrogate"
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 flags.DEFINE_enum("dataset", "fashion_mnist", DATASETS, "Image data set.")
-flags.DEFINE_integer("train_size", 0, "Training images used (0: the whole training split).")
-flags.DEFINE_integer("clean_eval_size", 0, "Test images for clean accuracy (0: all); the "
-                     "attacked ones are drawn from them.")
+flags.DEFINE_integer("train_size", 0, "Training images used, a stratified sample drawn by "
+                     "--seed (0: the whole training split).")
+flags.DEFINE_integer("clean_eval_size", 0, "Test images for clean accuracy, a stratified "
+                     "sample drawn by --seed (0: all); the attacked ones are drawn from them.")
 flags.DEFINE_integer("n_eval", 1000, "Test images attacked (a fixed subset of the clean ones).")
 flags.DEFINE_integer("eval_batch_size", 250, "Images per attack batch; must divide --n_eval.")
 flags.DEFINE_enum("architecture", "small", cnn.ARCHITECTURES, "CNN architecture.")
@@ -119,10 +123,14 @@ flags.DEFINE_integer("member_devices", 1, "Devices on the mesh axis `member` (sh
 flags.DEFINE_integer("data_devices", 0, "Devices on the mesh axis `data` (splits each training "
                      "minibatch); 0: all devices / --member_devices.")
 flags.DEFINE_integer("seed", 0, "Seed of everything.")
+common.seed_validator("seed")
 
 common.flag_validator("eps", lambda v: bool(v) and (x := common.float_list(v)) is not None
                       and min(x) >= 0, "must be a non-empty list of numbers >= 0")
 common.flag_validator("large_eps", lambda v: v >= 0, "must be >= 0")
+for _name in ("large_eps_threshold", "check_tolerance"):  # accuracies
+  common.flag_validator(_name, lambda v: 0 <= v <= 1, "must be an accuracy, in [0, 1]")
+common.flag_validator("mim_decay", lambda v: v >= 0, "must be >= 0")
 common.flag_validator("methods", lambda v: bool(v) and set(v) <= set(ensemble.LOSSES),
                       f"must be a non-empty list from {list(ensemble.LOSSES)}")
 common.flag_validator("attacks", lambda v: bool(v) and set(v) <= set(attacks.ATTACKS),
@@ -152,8 +160,9 @@ class DataConfig:
 
   Attributes:
     dataset: one of DATASETS.
-    train_size: training images used (0: the whole training split).
-    clean_eval_size: test images for clean accuracy (0: the whole test split).
+    train_size: training images used, a stratified sample (0: the whole training split).
+    clean_eval_size: test images for clean accuracy, a stratified sample (0: the whole
+      test split).
     n_eval: test images attacked (the first of a fixed permutation of the clean ones).
     eval_batch_size: images per evaluation batch; divides n_eval.
   """
@@ -345,8 +354,9 @@ def config_from_flags() -> Config:
 # ----------------------------------------------------------------------------- setup
 
 
-def load_data(config: DataConfig):
-  """(train, test) image/label arrays, cut to the configured sizes (checked against the data)."""
+def load_data(config: DataConfig, seed: int):
+  """(train, test) image/label arrays, cut to the configured sizes (checked against the
+  data): stratified samples drawn by `seed` (`subsets.stratified_subset`)."""
   if config.dataset == "fashion_mnist":
     train_set = fashion_mnist.load_fashion_mnist("train")
     test_set = fashion_mnist.load_fashion_mnist("test")
@@ -356,10 +366,15 @@ def load_data(config: DataConfig):
                   f"{config.train_size} exceeds the {len(train_set[1])} training images")
   common.validate("clean_eval_size", config.clean_eval_size <= len(test_set[1]),
                   f"{config.clean_eval_size} exceeds the {len(test_set[1])} test images")
+  # Stratified samples, not prefixes: MNIST-5k is stored sorted by label.
   if config.train_size:
-    train_set = tuple(a[:config.train_size] for a in train_set)
+    with common.blame("train_size"):
+      keep = subsets.stratified_subset(train_set[1], config.train_size, seed)
+    train_set = tuple(a[keep] for a in train_set)
   if config.clean_eval_size:
-    test_set = tuple(a[:config.clean_eval_size] for a in test_set)
+    with common.blame("clean_eval_size"):
+      keep = subsets.stratified_subset(test_set[1], config.clean_eval_size, seed)
+    test_set = tuple(a[keep] for a in test_set)
   # The attacked points are drawn from the clean test images, so after the cut.
   common.validate("n_eval", config.n_eval <= len(test_set[1]),
                   f"{config.n_eval} exceeds the {len(test_set[1])} clean test images it is "
@@ -657,8 +672,9 @@ def main(argv):
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   common.maybe_initialize_distributed()
   config = config_from_flags()
-  train_set, test = load_data(config.data)
-  run_dir = common.RunDir("ncen", __name__).open()
+  run_dir = common.RunDir("ncen", __name__).check()
+  train_set, test = load_data(config.data, config.seed)
+  run_dir.open()
   print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""))
   t0 = time.perf_counter()
   apply_fn = functools.partial(cnn.apply_cnn, config=config.model)

@@ -19,6 +19,7 @@ key `jax.random.key(--seed)`, split once per compressed block
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 import time
 
@@ -28,6 +29,7 @@ from absl import flags
 
 from experiments import common, llm_setup
 from fpe_jax import sparse_expansion as se
+from fpe_jax.models.llama import LlamaConfig
 
 FLAGS = flags.FLAGS
 
@@ -41,7 +43,7 @@ flags.DEFINE_list("num_experts", ["2", "4"], "K values for sparse_expansion, eac
 common.flag_validator("sparsities", lambda v: (s := common.float_list(v)) is not None and all(
     0.0 <= x < 1.0 for x in s), "each must be a number in [0, 1)")
 common.flag_validator("n_m", lambda v: all(_n_m(s) is not None for s in v),
-                      "each must be n:m with integers 0 <= n < m")
+                      "each must be n:m with integers 1 <= n < m")
 common.flag_validator("num_experts", lambda v: bool(k := common.int_list(v)) and min(k) >= 1,
                       "each must be an integer >= 1")
 common.flag_validator("methods", lambda v: bool(v) and set(v) <= set(se.METHODS),
@@ -49,9 +51,9 @@ common.flag_validator("methods", lambda v: bool(v) and set(v) <= set(se.METHODS)
 
 
 def _n_m(text: str) -> tuple[int, int] | None:
-  """An n:m flag value as (n, m), or None unless it is n:m with integers 0 <= n < m."""
+  """An n:m flag value as (n, m), or None unless it is n:m with integers 1 <= n < m."""
   n_m = common.int_list(text.split(":"))
-  return tuple(n_m) if n_m and len(n_m) == 2 and 0 <= n_m[0] < n_m[1] else None
+  return tuple(n_m) if n_m and len(n_m) == 2 and 1 <= n_m[0] < n_m[1] else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,8 @@ class Pattern:
   """One sparsity pattern of the sweep.
 
   Attributes:
-    label: its column in the table: "50%" or "2:4".
+    label: its column in the table and its runs' names: "50%" (`common.percent_label`,
+      exact: 0.5 and 0.504 are "50%" and "50.4%") or "2:4".
     sparsity: the pruned fraction (n / m for a semi-structured pattern).
     n_m: (n, m) for a semi-structured pattern, None for unstructured.
   """
@@ -112,10 +115,13 @@ def config_from_flags() -> Config:
   Raises:
     common.UsageError: when a K of --num_experts needs more calibration tokens.
   """
-  patterns = [Pattern(f"{s:.0%}", s) for s in common.float_list(FLAGS.sparsities)]
+  patterns = [Pattern(common.percent_label(s), s) for s in common.float_list(FLAGS.sparsities)]
   for text in FLAGS.n_m:
     n, m = _n_m(text)
     patterns.append(Pattern(f"{n}:{m}", n / m, (n, m)))
+  labels = [p.label for p in patterns]
+  common.validate("n_m", len(set(labels)) == len(labels),
+                  f"lists one pattern twice ({', '.join(FLAGS.n_m)})")
   config = Config(setup=llm_setup.setup_config(FLAGS), methods=tuple(FLAGS.methods),
                   patterns=tuple(patterns),
                   num_experts=tuple(sorted(set(common.int_list(FLAGS.num_experts)))))
@@ -207,6 +213,18 @@ def plots(rows: list[dict], pats: list[str], folder: str) -> list[str]:
   return written
 
 
+def check_patterns(patterns, model: LlamaConfig) -> None:
+  """Every n:m pattern groups whole rows of the FFN matrices it prunes: m divides their
+  inputs (d_model for gate and up, d_ff for down). Checked before anything runs, not when
+  the first n:m configuration is reached."""
+  for p in patterns:
+    if p.n_m is not None:
+      m = p.n_m[1]
+      common.validate("n_m", model.d_model % m == 0 and model.d_ff % m == 0,
+                      f"{p.label}: m={m} must divide the FFN inputs d_model={model.d_model} "
+                      f"and d_ff={model.d_ff}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
@@ -214,7 +232,8 @@ def main(argv):
   config = config_from_flags()
   runs = configurations(config)
   ckpt, calib, held_out, layers, run_dir, done = llm_setup.prepare(
-      "sparse_expansion", __name__, config.setup)
+      "sparse_expansion", __name__, config.setup,
+      check_model=functools.partial(check_patterns, config.patterns))
   progress = common.Progress("sparse_expansion", len(runs), unit="runs")
   t0, rows = time.perf_counter(), []
   for run in runs:

@@ -1,4 +1,5 @@
-"""The Boolean binary end to end, in subprocesses: bad flags, a finished run, resume."""
+"""The Boolean binary end to end, in subprocesses: a finished run, resume after kills, the
+Pallas matmul, 8 devices (its bad input: tests/test_bad_inputs.py)."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 import time
 
 import pytest
-from binaries import ROOT, assert_refused, subprocess_env
+from binaries import ROOT, kill_in_every_first_save, log_keys, subprocess_env
 
 TINY = ["--d=12", "--k=3", "--clauses=3", "--neurons=4", "--alphas=2",
         "--splits=dense,random,clause", "--seeds=2", "--train_size=256", "--test_size=256",
@@ -21,24 +22,6 @@ def _run(args, workdir, devices=1, **kw):
                         text=True, **kw)
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--splits=dense,bogus"], "--splits"),
-    (["--alphas=1"], "--alphas"),
-    (["--layer=3"], "--layer"),
-    (["--d=8", "--k=9"], "--k"),
-    (["--flagfile=experiments/flags/no_such.flags"], "no_such.flags"),
-    (["--steps=1050"], "--steps"),
-    (["--warmup_steps=150"], "--warmup_steps"),
-    (["--schedule=step"], "--schedule_boundaries"),
-    (["--weight_decay=-1"], "--weight_decay"),
-    (["--learning_rate=inf"], "--learning_rate"),
-    (["--matmul=triton"], "--matmul"),
-])
-def test_bad_flags_fail_on_one_line_and_write_nothing(tmp_path, args, flag):
-  workdir = tmp_path / "runs"
-  assert_refused(_run(TINY + args, workdir), flag, workdir)
-
-
 def _results_without_flags(workdir, name):
   with open(os.path.join(workdir, "boolean", name, "results.json")) as f:
     results = json.load(f)
@@ -46,8 +29,17 @@ def _results_without_flags(workdir, name):
   return results
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
-  killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+@pytest.fixture(scope="module")
+def clean_dir(tmp_path_factory):
+  """The workdir of the tiny run, uninterrupted: the reference of every resume test."""
+  workdir = tmp_path_factory.mktemp("clean")
+  clean = _run(TINY + ["--run_name=tiny"], workdir, timeout=600)
+  assert clean.returncode == 0, clean.stderr[-2000:]
+  return workdir
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, clean_dir):
+  killed_dir = tmp_path / "killed"
   log = killed_dir / "boolean" / "tiny" / "metrics.jsonl"
   args = TINY + ["--run_name=tiny"]
   proc = subprocess.Popen([sys.executable, "-m", "experiments.boolean",
@@ -67,8 +59,6 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
   resumed = _run(args, killed_dir, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "(resuming)" in resumed.stdout
-  clean = _run(args, clean_dir, timeout=600)
-  assert clean.returncode == 0, clean.stderr[-2000:]
   assert _results_without_flags(killed_dir, "tiny") == _results_without_flags(clean_dir, "tiny")
   # The log holds each chunk once, as an uninterrupted run's does.
   steps = [(r["phase"], r["step"]) for r in map(json.loads, log.read_text().splitlines())]
@@ -89,6 +79,23 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
   assert (clean_dir / "boolean" / "tiny" / "results.json").read_text() == before
   for plot in ("accuracy_vs_clauses.png", "accuracy_vs_neurons.png", "metrics_vs_gain.png"):
     assert (clean_dir / "boolean" / "tiny" / "plots" / plot).stat().st_size > 1000
+
+
+def test_killed_in_the_first_save_of_every_phase_resumes_to_the_same_results(tmp_path,
+                                                                             clean_dir):
+  killed_dir = tmp_path / "killed"
+  result, killed, phases = kill_in_every_first_save(
+      "experiments.boolean", [f"--workdir={killed_dir}", *TINY, "--run_name=tiny"],
+      tmp_path / "kills.txt")
+  assert result.returncode == 0, result.stderr[-2000:]
+  run = killed_dir / "boolean" / "tiny"
+  # Every phase (warm-up, dense, the FPE arms) was killed in its first save, and resumed.
+  assert sorted(os.path.basename(p) for p in phases) == sorted(
+      os.listdir(run / "checkpoints")) and len(phases) >= 3 and killed >= 3
+  assert _results_without_flags(killed_dir, "tiny") == _results_without_flags(clean_dir, "tiny")
+  steps = log_keys(run / "metrics.jsonl", "phase", "step")
+  assert len(steps) == len(set(steps)) == len(log_keys(
+      clean_dir / "boolean" / "tiny" / "metrics.jsonl", "phase", "step"))
 
 
 def test_pallas_matmul_trains_like_xla(tmp_path):

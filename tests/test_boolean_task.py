@@ -42,3 +42,11 @@ def test_sampler_reports_an_impossible_class():
   formula = dnf.Formula(np.array([[0], [0]]), np.array([[1], [-1]]), 1)
   with pytest.raises(ValueError, match="too rare"):
     dnf.sample_balanced(jax.random.key(0), formula, 10, pool_size=64, max_pools=3)
+
+
+def test_a_hopeless_formula_fails_in_a_few_rounds_not_all_of_them():
+  # No negatives exist: after the first empty rounds the optimistic projection (one
+  # negative per round) already needs more than max_pools rounds for 100 negatives.
+  formula = dnf.Formula(np.array([[0], [0]]), np.array([[1], [-1]]), 1)
+  with pytest.raises(ValueError, match=r"0 negatives in 64 uniform inputs"):
+    dnf.sample_balanced(jax.random.key(0), formula, 200, pool_size=64, max_pools=50)

@@ -1,11 +1,9 @@
-"""experiments.deep end to end on a tiny slice of Fashion-MNIST: both tasks, bad input."""
+"""experiments.deep end to end on a tiny slice of Fashion-MNIST: both tasks (bad input:
+tests/test_bad_inputs.py)."""
 import json
 import os
 import subprocess
 import sys
-
-import pytest
-from binaries import assert_refused
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--tasks=mlp,cnn", "--depth=2", "--cnn_channels=2", "--train_size=512",
@@ -40,15 +38,3 @@ def test_tiny_run(tmp_path):
   assert cnn_dense["nonzero"] == conv + 7 * 7 * 4 * 4 + 4 + 4 * 10 + 10
   assert sorted(os.listdir(run_dir / "plots")) == ["cnn_accuracy_vs_width.png",
                                                   "mlp_accuracy_vs_width.png"]
-
-
-@pytest.mark.parametrize("args,flag", [
-    (["--widths=2", "--alphas=4"], "--widths"),
-    (["--tasks=resnet"], "--tasks"),
-    (["--data_dir=/nonexistent/fashion"], "install_data.sh"),
-    (["--warmup_steps=750"], "--warmup_steps"),  # --chunk_steps=500: neither below nor a multiple
-    (["--steps=750"], "--steps"),
-    (["--matmul=triton"], "--matmul"),
-])
-def test_bad_input(tmp_path, args, flag):
-  assert_refused(_run(args, tmp_path), flag, tmp_path / "runs")

@@ -1,13 +1,14 @@
-"""The NCEn binary end to end, in subprocesses: bad flags, a tiny run, refusal, resume, and
+"""The NCEn binary end to end, in subprocesses: a tiny run, refusal, resume, and
 the same training on a `data` x `member` mesh of 8 fake CPU devices, resumed there too."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from binaries import ROOT, assert_refused, subprocess_env
+from binaries import ROOT, kill_in_every_first_save, subprocess_env
 
 TINY = ["--dataset=mnist5k", "--width=2", "--hidden=8", "--num_members=2", "--methods=ncen",
         "--batch_size=16", "--train_steps=4", "--chunk_steps=2", "--eps=0.3", "--large_eps=1.0",
@@ -48,29 +49,6 @@ def eight_device_run(tmp_path_factory):
   records = _training_records(run) if done else None
   results = json.loads((run / "results.json").read_text()) if done else None
   return workdir, result, records, results
-
-
-@pytest.mark.parametrize("args, flag", [
-    (["--eps=0.1,-0.05"], "--eps"),
-    (["--large_eps=-1"], "--large_eps"),
-    (["--methods=ncen,dverge"], "--methods"),
-    (["--attacks=pgd,cw"], "--attacks"),
-    (["--attack_losses=hinge"], "--attack_losses"),
-    (["--num_members=1", "--methods=independent,gal"], "--num_members"),
-    (["--eval_batch_size=7"], "--eval_batch_size"),
-    (["--lam_dir=nan"], "--lam_dir"),
-    (["--learning_rate=inf"], "--learning_rate"),
-    (["--member_devices=2"], "--member_devices"),  # one device
-    (["--data_devices=3"], "--data_devices"),
-    (["--clean_eval_size=0", "--n_eval=2000"], "--n_eval"),  # more than the 1,000 test images
-    (["--clean_eval_size=5000"], "--clean_eval_size"),
-    # More than the 100 clean test images the attacked points are drawn from.
-    (["--n_eval=200"], "--n_eval: 200 exceeds the 100 clean test images it is drawn from "
-     "(--clean_eval_size=100"),
-])
-def test_bad_flags_fail_on_one_line_and_write_nothing(tmp_path, args, flag):
-  workdir = tmp_path / "runs"
-  assert_refused(_run(TINY + args, workdir), flag, workdir)
 
 
 def _without_timings(tree):
@@ -165,6 +143,25 @@ def test_eight_devices_killed_after_first_checkpoint_resume_to_the_same_figures(
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "(resuming)" in resumed.stdout
   got = json.loads((run / "results.json").read_text())
+  assert _without_timings(got["methods"]) == _without_timings(want["methods"])
+  strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+  assert strip(_training_records(run)) == strip(want_records)
+
+
+def test_killed_in_the_first_save_of_every_phase_resumes_to_the_same_figures(tmp_path,
+                                                                             tiny_run):
+  """SIGKILLed inside (or just after) the first checkpoint save of the surrogate and of
+  ncen, resumed each time: the figures and the log of an uninterrupted run."""
+  _, first, want_records = tiny_run
+  assert first.returncode == 0, first.stderr[-3000:]
+  workdir = tmp_path / "killed"
+  result, killed, phases = kill_in_every_first_save(
+      "experiments.ncen", [f"--workdir={workdir}", *TINY], tmp_path / "kills.txt")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.path.basename(p) for p in phases) == ["ncen", "surrogate"] and killed >= 1
+  run, want_run = workdir / "ncen" / "tiny", tiny_run[0] / "ncen" / "tiny"
+  got = json.loads((run / "results.json").read_text())
+  want = json.loads((want_run / "results.json").read_text())
   assert _without_timings(got["methods"]) == _without_timings(want["methods"])
   strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
   assert strip(_training_records(run)) == strip(want_records)

@@ -20,10 +20,12 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class LlamaCheckpoint(NamedTuple):
-  """A loaded model: static config, params (numpy float32 arrays), tokenizer."""
+  """A loaded model: static config, params (numpy float32 arrays), tokenizer, and the
+  context length it was trained for (GGUF `llama.context_length`; None if absent)."""
   config: LlamaConfig
   params: dict[str, Any]
   tokenizer: Any  # tokenizers.Tokenizer
+  context_length: int | None = None
 
 
 def _require(module: str):
@@ -45,7 +47,7 @@ def smollm2_gguf_path() -> pathlib.Path:
 
 def _field(reader, name: str):
   if name not in reader.fields:
-    raise KeyError(f"GGUF metadata `{name}` is missing in {reader.path}")
+    raise ValueError(f"GGUF metadata `{name}` is missing in {reader.path}")
   return reader.fields[name].contents()
 
 
@@ -149,6 +151,11 @@ def load_llama_gguf(path: str | pathlib.Path | None = None) -> LlamaCheckpoint:
   path = smollm2_gguf_path() if path is None else pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"GGUF file {path} does not exist: {INSTALL_HINT}")
-  reader = gguf.GGUFReader(str(path))
+  try:
+    reader = gguf.GGUFReader(str(path))
+  except ValueError as e:  # the reader's own message is only "GGUF magic invalid"
+    raise ValueError(f"{path} is not a GGUF file ({e})") from None
   cfg = _config(reader)
-  return LlamaCheckpoint(cfg, _params(reader, cfg), tokenizer_from_gguf(reader))
+  context = (int(reader.fields["llama.context_length"].contents())
+             if "llama.context_length" in reader.fields else None)
+  return LlamaCheckpoint(cfg, _params(reader, cfg), tokenizer_from_gguf(reader), context)

@@ -75,7 +75,9 @@ def sample_balanced(
     formula: the target.
     n: number of examples (>= 2).
     pool_size: uniform inputs drawn per round of rejection.
-    max_pools: give up (ValueError) after this many rounds: a class is then too rare.
+    max_pools: give up (ValueError) once the rate seen so far projects more rounds than
+      this (an empty class counts as one draw, the most optimistic guess): a class is
+      then too rare, and a hopeless formula fails in a few rounds, not after all of them.
 
   Returns:
     x: [n, d] float32 in {0, 1}; y: [n] int32.
@@ -97,12 +99,14 @@ def sample_balanced(
     have_neg += len(take)
     if have_pos == n_pos and have_neg == n_neg:
       break
-  else:
-    raise ValueError(
-        f"could not sample {n_pos} positives and {n_neg} negatives from "
-        f"{max_pools * pool_size} uniform inputs (got {have_pos} / {have_neg}): one class "
-        "is too rare for this formula; use fewer or longer clauses"
-    )
+    rounds = round_ + 1
+    projected = max(rounds * want / max(have, 1)
+                    for want, have in ((n_pos, have_pos), (n_neg, have_neg)))
+    if projected > max_pools:
+      raise ValueError(
+          f"one class is too rare for this formula: {have_pos} positives and {have_neg} "
+          f"negatives in {rounds * pool_size} uniform inputs, where {n_pos} and {n_neg} are "
+          f"needed (more than {max_pools * pool_size} inputs); use fewer or longer clauses")
   x = np.concatenate(pos + neg)
   y = np.concatenate([np.ones(n_pos, np.int32), np.zeros(n_neg, np.int32)])
   order = np.asarray(jax.random.permutation(order_key, n))
