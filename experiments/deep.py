@@ -103,8 +103,8 @@ def load_tasks(cfg: Config) -> dict:
   try:
     x_train, y_train = fashion_mnist.load_fashion_mnist("train", cfg.data_dir or None)
     x_test, y_test = fashion_mnist.load_fashion_mnist("test", cfg.data_dir or None)
-  except FileNotFoundError as e:
-    raise common.UsageError(f"--data_dir: {e}") from e
+  except (FileNotFoundError, ValueError) as e:  # missing or corrupt files
+    raise common.UsageError(f"--data_dir: {e}") from None
   if cfg.train_size:
     keep = subsets.stratified_subset(y_train, cfg.train_size, cfg.sweep.seed)
     x_train, y_train = x_train[keep], y_train[keep]

@@ -548,7 +548,7 @@ def check_task(task: Task, cfg: SweepConfig) -> None:
     fan_in = min(sizes[layer] for layer in task.spec.expand_layers)
     common.validate("alphas", not cfg.fpe_splits or max(cfg.alphas) <= fan_in,
                     f"{where}alpha={max(cfg.alphas)} children need at least one incoming edge "
-                    f"each, but a neuron of width {width} has {fan_in} inputs")
+                    f"each, but the neurons FPE splits at width {width} have {fan_in} inputs")
   examples = task.data.y_train.shape[-1]
   common.validate("batch_size", cfg.batch_size <= examples,
                   f"{where}{cfg.batch_size} is more than the {examples} training examples")

@@ -357,11 +357,14 @@ def config_from_flags() -> Config:
 def load_data(config: DataConfig, seed: int):
   """(train, test) image/label arrays, cut to the configured sizes (checked against the
   data): stratified samples drawn by `seed` (`subsets.stratified_subset`)."""
-  if config.dataset == "fashion_mnist":
-    train_set = fashion_mnist.load_fashion_mnist("train")
-    test_set = fashion_mnist.load_fashion_mnist("test")
-  else:
-    train_set, test_set = mnist5k.load_mnist5k("train"), mnist5k.load_mnist5k("test")
+  try:
+    if config.dataset == "fashion_mnist":
+      train_set = fashion_mnist.load_fashion_mnist("train")
+      test_set = fashion_mnist.load_fashion_mnist("test")
+    else:
+      train_set, test_set = mnist5k.load_mnist5k("train"), mnist5k.load_mnist5k("test")
+  except (FileNotFoundError, ValueError) as e:  # missing or corrupt: the message names the
+    raise common.UsageError(f"--dataset={config.dataset}: {e}") from None  # install script
   common.validate("train_size", config.train_size <= len(train_set[1]),
                   f"{config.train_size} exceeds the {len(train_set[1])} training images")
   common.validate("clean_eval_size", config.clean_eval_size <= len(test_set[1]),

@@ -93,7 +93,7 @@ TABLES = {
             (["--train_size=70000"], "--train_size"),  # more than the 60,000 images
             (["--data_dir=/nonexistent/fashion"], "--data_dir"),
             (["--data_dir={tmp}/a_file"], "--data_dir"),
-            (["--data_dir={tmp}/corrupt_fashion"], "--data_dir"),
+            (["--data_dir={tmp}/corrupt_fashion"], "install_data.sh"),  # and names --data_dir
         ]),
     "experiments.embeddings": (
         ["--tasks=sentiment", "--max_rows=240", "--widths=4", "--alphas=2",
@@ -225,9 +225,10 @@ TABLES["experiments.wasserstein"] = (
     ])
 
 
-COMMON = [  # what every binary gets from experiments.common
+COMMON = [  # what every binary gets from experiments.common (and absl)
     (["--bogus_flag=1"], "bogus_flag"),
     (["positional"], "unexpected arguments"),
+    (["--flagfile={tmp}/no_such.flags"], "no_such.flags"),
 ]
 # The benchmarks write nothing but their output; a case that slipped through would time.
 TABLES["experiments.bench_boolean"] = (
@@ -241,6 +242,10 @@ TABLES["experiments.bench_boolean"] = (
         (["--neurons=0"], "--neurons"),
         (["--batch_size=0"], "--batch_size"),
         (["--repeats=0"], "--repeats"),
+        (["--seeds=x"], "--seeds"),
+        (["--seeds=-1"], "--seeds"),
+        (["--neurons=" + BIG], "--neurons"),
+        (["--batch_size=1.5"], "--batch_size"),
     ])
 TABLES["experiments.bench_ncen"] = (
     ["--iters=1", "--repeats=1", "--width=2", "--hidden=8", "--batch_size=8"],
@@ -253,6 +258,10 @@ TABLES["experiments.bench_ncen"] = (
         (["--iters=0"], "--iters"),
         (["--repeats=0"], "--repeats"),
         (["--architecture=resnet"], "--architecture"),
+        (["--num_members=x"], "--num_members"),
+        (["--width=" + BIG], "--width"),
+        (["--iters=-1"], "--iters"),
+        (["--hidden=1.5"], "--hidden"),
     ])
 TABLES["experiments.bench_sparsegpt"] = (
     ["--shapes=64x64", "--tokens=64", "--repeats=1", "--block_size=32"],
@@ -269,10 +278,11 @@ TABLES["experiments.bench_sparsegpt"] = (
         (["--recon_layers=99"], "--recon_layers"),  # SmolLM2-135M has 30 blocks
         (["--recon_layers=0", "--recon_windows=0"], "--recon_windows"),
         (["--recon_layers=0", "--recon_window=100000"], "--recon_window"),
+        (["--tokens=" + BIG], "--tokens"),
     ])
 for _binary, (_base, _cases) in list(TABLES.items()):
   if not _binary.startswith("experiments.bench"):
-    _cases += COMMON
+    _cases += [case for case in COMMON if case not in _cases]
 
 
 def _scratch(folder) -> None:
@@ -280,8 +290,8 @@ def _scratch(folder) -> None:
   (folder / "not_a_model.gguf").write_text("not a GGUF file\n")
   corrupt = folder / "corrupt_fashion"
   corrupt.mkdir()
-  for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+  for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
     (corrupt / name).write_bytes(b"\x00\x01garbage" * 10)
 
 

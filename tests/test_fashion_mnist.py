@@ -57,3 +57,19 @@ def test_mnist5k_stratified_split():
       {x.tobytes() for x in images})
   with pytest.raises(ValueError, match="test_per_class=0"):
     mnist5k.load_mnist5k("test", test_per_class=0)
+
+
+@pytest.mark.parametrize("content", [b"not gzip at all", gzip.compress(b"\x00\x00\x08\x03")[:-6],
+                                     gzip.compress(b"\x00\x00\x00\x01 wrong magic")])
+def test_a_corrupt_fashion_mnist_file_names_itself_and_the_install_command(tmp_path, content):
+  for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+    (tmp_path / name).write_bytes(content)
+  with pytest.raises(ValueError, match=r"train-images-idx3-ubyte.gz.*corrupt.*install_data"):
+    fashion_mnist.load_fashion_mnist("train", tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"not gzip", gzip.compress(b"1,2,3\n4,5\n")])
+def test_a_corrupt_mnist5k_file_names_itself_and_the_install_command(tmp_path, content):
+  (tmp_path / "mnist5k.csv.gz").write_bytes(content)
+  with pytest.raises(ValueError, match=r"mnist5k.csv.gz.*corrupt.*install_data"):
+    mnist5k.load_mnist5k("train", path=tmp_path / "mnist5k.csv.gz")

@@ -30,16 +30,23 @@ _LABELS_MAGIC = 2049
 
 
 def _read_idx(path: pathlib.Path, magic: int) -> np.ndarray:
-  with gzip.open(path, "rb") as f:
-    data = f.read()
+  """An idx array; ValueError naming the file and the install command if it is corrupt."""
+  try:
+    with gzip.open(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError) as e:  # not gzip, or cut short
+    raise ValueError(f"{path} is not a readable gzip file ({e}): the file is corrupt; "
+                     f"reinstall the data with `{INSTALL_COMMAND}`") from None
   found = int.from_bytes(data[:4], "big")
   if found != magic:
-    raise ValueError(f"{path}: idx magic number {found}, expected {magic}; the file is corrupt")
+    raise ValueError(f"{path}: idx magic number {found}, expected {magic}: the file is "
+                     f"corrupt; reinstall the data with `{INSTALL_COMMAND}`")
   ndim = magic & 0xFF
   shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
   array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
   if array.size != int(np.prod(shape)):
-    raise ValueError(f"{path}: {array.size} values for idx shape {shape}; the file is truncated")
+    raise ValueError(f"{path}: {array.size} values for idx shape {shape}: the file is "
+                     f"truncated; reinstall the data with `{INSTALL_COMMAND}`")
   return array.reshape(shape)
 
 
@@ -56,7 +63,8 @@ def load_fashion_mnist(split: str = "train",
     labels: [n] int32 in [0, 10).
 
   Raises:
-    ValueError: unknown split.
+    ValueError: unknown split, or a corrupt file (the message names the file and the
+      install command).
     FileNotFoundError: the data is not installed (the message names the install command).
   """
   if split not in _FILES:

@@ -149,6 +149,8 @@ def load_llama_gguf(path: str | pathlib.Path | None = None) -> LlamaCheckpoint:
   """
   gguf = _require("gguf")
   path = smollm2_gguf_path() if path is None else pathlib.Path(path)
+  if path.is_dir():
+    raise FileNotFoundError(f"{path} is a folder, not a GGUF file")
   if not path.is_file():
     raise FileNotFoundError(f"GGUF file {path} does not exist: {INSTALL_HINT}")
   try:

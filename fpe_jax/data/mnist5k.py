@@ -54,10 +54,15 @@ def load_mnist5k(split: str = "all", test_per_class: int = 100,
   if not file.is_file():
     raise FileNotFoundError(f"MNIST 5k file {file} not found; install the data with "
                             f"`{INSTALL_COMMAND}`")
-  with gzip.open(file, "rt") as f:
-    table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+  try:
+    with gzip.open(file, "rt") as f:
+      table = np.loadtxt(f, delimiter=",", dtype=np.float32, ndmin=2)
+  except (OSError, EOFError, ValueError, UnicodeDecodeError) as e:  # not gzip, cut, not CSV
+    raise ValueError(f"{file} is not a readable gzipped CSV ({type(e).__name__}): the file "
+                     f"is corrupt; reinstall the data with `{INSTALL_COMMAND}`") from None
   if table.shape != (NUM_ROWS, 785):
-    raise ValueError(f"{file}: table shape {table.shape}, expected ({NUM_ROWS}, 785)")
+    raise ValueError(f"{file}: table shape {table.shape}, expected ({NUM_ROWS}, 785): the "
+                     f"file is corrupt; reinstall the data with `{INSTALL_COMMAND}`")
   images = (table[:, :784] / 255.0).reshape(-1, 28, 28, 1).astype(np.float32)
   labels = table[:, 784].astype(np.int32)
   if split == "all":
