@@ -11,9 +11,9 @@ from binaries import ROOT, kill_after_logged, subprocess_env
 TINY = ["--layers=0", "--calib_windows=4", "--calib_window=64", "--eval_windows=2",
         "--eval_window=64", "--kmeans_restarts=2", "--kmeans_iters=5", "--run_name=tiny"]
 RUNS = {
-    "sparse_expansion": TINY + ["--methods=dense,magnitude,sparsegpt,sparse_expansion",
+    "sparse_expansion": TINY + ["--methods=dense,sparsegpt,sparse_expansion",
                                 "--sparsities=0.5", "--n_m=2:4", "--num_experts=2"],
-    "wasserstein": TINY + ["--criteria=wasserstein,random", "--num_experts=2"],
+    "wasserstein": TINY + ["--criteria=random", "--num_experts=2"],
 }
 
 
