@@ -6,19 +6,22 @@ IMPLEMENTATIONS, and it means the same everywhere (`block_sparse_matmul`,
 
   "xla"     XLA ops on the masked weights: `x @ (w * mask)`, or for routed experts a
             grouped XLA matmul. Never a Pallas kernel; the default path's numbers.
-  "pallas"  the block-sparse Pallas kernel of the current platform (Mosaic on TPU, Triton
-            on GPU; on CPU the TPU kernel in interpret mode, slow, for checking). It needs
-            the mask's kernel metadata, a `block_sparse.BlockSparseMask` built once on
-            the host; asking for it without one is an error.
+  "pallas"  the block-sparse Pallas kernel of the platform (Mosaic on TPU, Triton on GPU;
+            on CPU the TPU kernel in interpret mode, slow, for checking). It needs the
+            mask's kernel metadata, a `block_sparse.BlockSparseMask` built once on the
+            host; asking for it without one is an error.
   "auto"    "pallas" where the platform has a native kernel (TPU, GPU) and the caller
             passed a BlockSparseMask; "xla" otherwise, so always "xla" on CPU. A caller
             builds kernel metadata only where it means to use the kernel, so "auto" never
             fails for lack of it.
 
-The Pallas kernel family is that of the platform; `backend=` (one of PALLAS_BACKENDS,
-with "pallas" only) forces one, e.g. to run the GPU kernel in interpret mode on CPU.
-The platform is read here, from `jax.default_backend()` when the call is traced:
-`native_backend` and `resolve_implementation` are the only places that decide.
+Which platform: the kernel ops (`block_sparse_matmul`, `expert_matmul`) choose when the
+computation is LOWERED (`block_sparse.grouped.on_lowering_platform`), so an ahead-of-time
+lowering for a TPU or an H200 from a CPU host holds the real kernel. Host-side decisions
+made before tracing (whether to build kernel metadata at all; `nn` and `experts` picking
+a path for "auto") read `jax.default_backend()` here: `native_backend` and
+`resolve_implementation`. `backend=` (one of PALLAS_BACKENDS, with "pallas" only) forces
+one kernel family, chosen when traced, e.g. the GPU kernel in interpret mode on CPU.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ layout.py: `block_sparse_matmul` (ops.py) turns stacked members `[G, B, K]` into
 `kernels_pallas.expert_matmul` groups routed tokens by expert. This module is what they
 share, and the only place that picks a backend module:
 
-* `KernelConfig`, the static (hashable) kernel choice, and `kernel_config`, which makes
-  it for the running platform (or a forced `backend`);
+* `KernelConfig`, the static (hashable) kernel choice; `on_lowering_platform`, which runs
+  the kernel of the platform the computation is LOWERED for (what the public ops do), and
+  `kernel_config`, which makes a config for a forced `backend` (or the running platform);
 * `row_tile`, the row tile for a number of rows, checked against the hardware's tiling
   rules; `padded_dims` and `pad_to` for the zero padding to whole blocks;
 * `forward`, `input_grad`, `weight_grad`: one kernel launch each, on padded rows and a
@@ -17,6 +18,7 @@ Neither a custom VJP nor vmap lives here: those belong to each op.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, NamedTuple
 
 import jax
@@ -47,10 +49,12 @@ class KernelConfig(NamedTuple):
 
 
 def kernel_config(backend: str | None = None, block_m: int = DEFAULT_BLOCK_M) -> KernelConfig:
-  """The Pallas kernel that "pallas" means on the running platform.
+  """A kernel config for the running platform, chosen when the call is traced.
 
   TPU runs the Mosaic kernel and GPU the Triton one; CPU interprets the TPU kernel (or
-  `backend`'s). The platform is `jax.default_backend()` when the call is traced.
+  `backend`'s). The platform is `jax.default_backend()` when the call is traced: use it to
+  force a `backend` (e.g. the GPU kernel interpreted on CPU); the public ops with
+  `backend=None` choose at lowering instead (`on_lowering_platform`).
 
   Args:
     backend: None for the platform's kernel, or one of PALLAS_BACKENDS to force one
@@ -76,6 +80,32 @@ def kernel_config(backend: str | None = None, block_m: int = DEFAULT_BLOCK_M) ->
   return KernelConfig(backend=backend or native or "tpu", interpret=interpret, block_m=block_m)
 
 
+def on_lowering_platform(kernel: Callable[[KernelConfig], Callable], xla: Callable | None,
+                         *args, block_m: int = DEFAULT_BLOCK_M):
+  """`kernel(cfg)(*args)` with the kernel of the platform this computation is lowered for.
+
+  TPU gets the Mosaic kernel and CUDA / ROCm the Triton one; CPU (and any other platform)
+  gets `xla(*args)` when given (what "auto" means there) or else the TPU kernel in
+  interpret mode. The choice is `jax.lax.platform_dependent`'s, made at LOWERING, not from
+  `jax.default_backend()` at trace time: `jax.jit(f).trace(...).lower(
+  lowering_platforms=("tpu",))` on a CPU host (an ahead-of-time or deviceless compile)
+  holds the real kernel, and only the branch of the lowered platform is lowered.
+
+  Args:
+    kernel: KernelConfig -> a function of `args` running that kernel.
+    xla: the XLA function of `args` for CPU, or None to interpret the kernel there.
+    *args: the arrays (and pytrees of arrays) every branch takes.
+    block_m: positive row tile cap of every kernel config.
+  """
+  if not isinstance(block_m, int) or block_m < 1:
+    raise ValueError(f"block_m must be a positive int, got {block_m!r}")
+  triton = kernel(KernelConfig(backend="gpu", interpret=False, block_m=block_m))
+  off_accelerator = xla or kernel(KernelConfig(backend="tpu", interpret=True, block_m=block_m))
+  return jax.lax.platform_dependent(
+      *args, tpu=kernel(KernelConfig(backend="tpu", interpret=False, block_m=block_m)),
+      cuda=triton, rocm=triton, default=off_accelerator)
+
+
 def padded_dims(meta: BlockMetadata, k: int, n: int) -> tuple[int, int]:
   """(Kp, Np): K and N rounded up to whole blocks of `meta`'s block shape."""
   bk, bn = meta.block_masks.shape[-2:]
@@ -85,11 +115,14 @@ def padded_dims(meta: BlockMetadata, k: int, n: int) -> tuple[int, int]:
 def row_tile(cfg: KernelConfig, rows: int, meta: BlockMetadata, k: int, n: int, dtype) -> int:
   """Rows per tile for `rows` rows, checked against the hardware's tiling rules.
 
-  The interpreter has no tiling rules; on hardware a block shape the kernel cannot tile
-  raises a ValueError that names it.
+  The interpreter has no tiling rules; on the hardware this process runs on, a block shape
+  the kernel cannot tile raises a ValueError that names it. A kernel traced for another
+  platform (an ahead-of-time lowering from a CPU host; the branches of
+  `on_lowering_platform` that are traced but never lowered here) is left to that
+  platform's Pallas lowering and compiler, whose own errors then name the block.
   """
   bm = fit_block(cfg.block_m, rows)
-  if not cfg.interpret:
+  if not cfg.interpret and cfg.backend == implementations.native_backend():
     bk, bn = meta.block_masks.shape[-2:]
     _BACKENDS[cfg.backend].check_blocks(bm, bk, bn, *padded_dims(meta, k, n), dtype)
   return bm

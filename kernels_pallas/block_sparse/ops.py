@@ -4,10 +4,12 @@
 `implementation` is one of kernels_pallas.implementations.IMPLEMENTATIONS:
 
 * "xla": the dense jnp reference (autodiff gives the masked weight gradient);
-* "pallas": the kernel of the running platform (TPU: Mosaic with scalar prefetch, GPU:
-  Triton with index arrays as inputs; on CPU the TPU kernel in interpret mode), or the
-  one named by `backend=` ("tpu" | "gpu", interpreted on CPU);
-* "auto": "pallas" on TPU and GPU, "xla" on CPU.
+* "pallas": the kernel of the platform the computation is LOWERED for (TPU: Mosaic with
+  scalar prefetch, GPU: Triton with index arrays as inputs; on CPU the TPU kernel in
+  interpret mode; `grouped.on_lowering_platform`), so an ahead-of-time lowering for a TPU
+  or GPU from a CPU host holds the real kernel; or the one named by `backend=` ("tpu" |
+  "gpu", interpreted on CPU, chosen when traced);
+* "auto": the kernel on TPU and GPU, "xla" on CPU (also chosen at lowering).
 
 Gradients go through `jax.custom_vjp` (forward, input-gradient and weight-gradient
 kernels all skip empty blocks; the weight gradient is zero off the mask). Every kernel
@@ -209,12 +211,21 @@ def block_sparse_matmul(
     raise ValueError(f"w has shape {w.shape}, expected the mask's shape {(k, n)}")
   if x.ndim < 1 or x.shape[-1] != k:
     raise ValueError(f"x has shape {x.shape}, expected [..., {k}]")
-  if implementations.resolve_implementation(implementation) == "xla":
+  if implementation == "xla":
     return masked_matmul_reference(x, w, mask.dense)
-  cfg = grouped.kernel_config(backend, block_m)
   dtype = jnp.result_type(x, w)
-  lead = x.shape[:-1]
-  x3 = x.astype(dtype).reshape(1, -1, k)
+  x3, w3 = x.astype(dtype).reshape(1, -1, k), w.astype(dtype)[None]
   meta = jax.tree.map(lambda a: a[None], mask.blocks)
-  y = stacked_matmul(cfg, x3, w.astype(dtype)[None], meta)
-  return y.reshape(lead + (n,))
+
+  def kernel(cfg):
+    return lambda x3, w3, meta: stacked_matmul(cfg, x3, w3, meta)
+
+  def xla(*_):  # "auto" off TPU / GPU: the "xla" numbers exactly, in the kernel's layout
+    return masked_matmul_reference(x, w, mask.dense).astype(dtype).reshape(1, -1, n)
+
+  if backend is not None:  # a forced kernel, chosen when traced (interpreted on CPU)
+    y = kernel(grouped.kernel_config(backend, block_m))(x3, w3, meta)
+  else:
+    y = grouped.on_lowering_platform(kernel, xla if implementation == "auto" else None,
+                                     x3, w3, meta, block_m=block_m)
+  return y.reshape(x.shape[:-1] + (n,))

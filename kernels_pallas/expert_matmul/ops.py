@@ -9,9 +9,10 @@ expert is never loaded or multiplied.
 
 `implementation` is one of kernels_pallas.implementations.IMPLEMENTATIONS: "xla" sorts
 tokens and calls `jax.lax.ragged_dot` on the masked weights (XLA's grouped matmul);
-"pallas" runs the kernel of the platform (interpreted on CPU); "auto" is "pallas" on TPU
-and GPU, "xla" on CPU. `reference.expert_matmul_reference` is the independent one-hot
-check.
+"pallas" runs the kernel of the platform the computation is lowered for (interpreted on
+CPU; `block_sparse.grouped.on_lowering_platform`); "auto" is the kernel on TPU and GPU,
+"xla" on CPU, also chosen at lowering. `reference.expert_matmul_reference` is the
+independent one-hot check.
 """
 
 from __future__ import annotations
@@ -109,10 +110,22 @@ def expert_matmul(
   dtype = jnp.result_type(x, w)
   x, w = x.astype(dtype), w.astype(dtype)
   expert_ids = jnp.clip(expert_ids.astype(jnp.int32), 0, e - 1)
-  if implementations.resolve_implementation(implementation) == "xla":
+  if implementation == "xla":
     return _routed_xla(x, expert_ids, w, expert_masks.dense)
-  cfg = grouped.kernel_config(backend, block_m)
-  meta = expert_masks.blocks
-  bm = grouped.row_tile(cfg, x.shape[0], meta, k, n, dtype)
-  layout, row = routed_layout(expert_ids, e, bm, max_routed_tiles(x.shape[0], e, bm))
-  return _routed_matmul(cfg, bm, x, w, meta, layout, row)
+
+  def kernel(cfg):  # the row tile and the routed layout depend on the kernel's tiling rules
+    def run(x, expert_ids, w, meta):
+      bm = grouped.row_tile(cfg, x.shape[0], meta, k, n, dtype)
+      layout, row = routed_layout(expert_ids, e, bm, max_routed_tiles(x.shape[0], e, bm))
+      return _routed_matmul(cfg, bm, x, w, meta, layout, row)
+    return run
+
+  def xla(x, expert_ids, w, meta):  # "auto" off TPU / GPU
+    del meta
+    return _routed_xla(x, expert_ids, w, expert_masks.dense)
+
+  args = (x, expert_ids, w, expert_masks.blocks)
+  if backend is not None:  # a forced kernel, chosen when traced (interpreted on CPU)
+    return kernel(grouped.kernel_config(backend, block_m))(*args)
+  return grouped.on_lowering_platform(kernel, xla if implementation == "auto" else None,
+                                      *args, block_m=block_m)

@@ -1,0 +1,110 @@
+"""The kernel ops lowered for a TPU and for CUDA from this CPU host hold the real kernels.
+
+`block_sparse_matmul` and `expert_matmul` choose their kernel when the computation is
+LOWERED (`grouped.on_lowering_platform`), not from the platform they are traced on. So
+`jax.jit(f).trace(...).lower(lowering_platforms=(p,))` on a CPU-only machine must contain
+the Pallas kernel custom calls of `p`: `tpu_custom_call` (Mosaic) for "tpu",
+`__gpu$xla.gpu.triton` for "cuda", and none for "cpu" (interpret mode, or XLA for "auto").
+Lowering runs the Pallas-to-Mosaic and Pallas-to-Triton lowerings; it does not run the
+backend compilers (libtpu's Mosaic, XLA:GPU's Triton), which need the compile-only plugins
+(../shared/docs/hardware.md).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
+from kernels_pallas.expert_matmul import expert_matmul
+
+CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+def _block_mask(k, n, density, seed=0, block=128):
+  """[k, n] 0/1 mask whose 128x128 blocks are full or empty, `density` of them full (the
+  last row- or column-block is partial when k or n is not a multiple of 128)."""
+  rng = np.random.default_rng(seed)
+  blocks = rng.random((-(-k // block), -(-n // block))) < density
+  blocks[0, :] = True  # every column-block keeps one block
+  return np.kron(blocks, np.ones((block, block)))[:k, :n].astype(np.float32)
+
+
+def _square(rows, k, n, density):
+  bsm = BlockSparseMask.from_mask(_block_mask(k, n, density))
+  op = lambda impl: lambda x, w: block_sparse_matmul(x, w, bsm, implementation=impl)  # noqa: E731
+  return op, ((rows, k), (k, n))
+
+
+def _experts(tokens, num_experts, k, n, density):
+  masks = np.stack([_block_mask(k, n, density, seed) for seed in range(num_experts)])
+  bsm = BlockSparseMask.from_masks(masks)
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, num_experts, tokens), jnp.int32)
+  op = lambda impl: lambda x, w: expert_matmul(x, ids, w, bsm, implementation=impl)  # noqa: E731
+  return op, ((tokens, k), (num_experts, k, n))
+
+
+CASES = {  # the default 128x128 blocks; kernels_pallas.bench's shapes
+    "square_small": lambda: _square(128, 256, 384, 0.5),
+    "square_bench": lambda: _square(1024, 4096, 4096, 0.25),
+    "experts_smollm2": lambda: _experts(1024, 8, 576, 1536, 0.5),
+}
+
+
+def _lowered(fn, shapes, dtype, platform):
+  args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _grad(fn):
+  return jax.grad(lambda x, w: fn(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("platform", sorted(CUSTOM_CALLS))
+@pytest.mark.parametrize("implementation", ["pallas", "auto"])
+def test_lowered_for_an_accelerator_the_ops_hold_its_kernel(implementation, platform, case,
+                                                            dtype):
+  op, shapes = CASES[case]()
+  fn = op(implementation)
+  forward = _lowered(fn, shapes, dtype, platform)
+  grads = _lowered(_grad(fn), shapes, dtype, platform)
+  call = CUSTOM_CALLS[platform]
+  assert forward.count(call) == 1
+  # The input- and weight-gradient kernels, and the forward kernel where the custom VJP's
+  # forward is not dead code (the routed op keeps it; a sum does not need it).
+  assert 2 <= grads.count(call) <= 3
+  for other in set(CUSTOM_CALLS.values()) - {call}:
+    assert other not in forward + grads
+
+
+@pytest.mark.parametrize("implementation", ["pallas", "auto", "xla"])
+@pytest.mark.parametrize("case", ["square_small", "experts_smollm2"])
+def test_lowered_for_cpu_the_ops_hold_no_kernel(implementation, case):
+  """CPU: "pallas" interprets the kernel, "auto" and "xla" are XLA: no custom call."""
+  op, shapes = CASES[case]()
+  text = _lowered(op(implementation), shapes, jnp.float32, "cpu")
+  text += _lowered(_grad(op(implementation)), shapes, jnp.float32, "cpu")
+  assert not any(call in text for call in CUSTOM_CALLS.values())
+
+
+@pytest.mark.parametrize("case", ["square_small", "experts_smollm2"])
+def test_auto_on_cpu_is_the_xla_numbers_exactly(case):
+  op, shapes = CASES[case]()
+  rng = np.random.default_rng(0)
+  x, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes)
+  np.testing.assert_array_equal(jax.jit(op("auto"))(x, w), jax.jit(op("xla"))(x, w))
+
+
+def test_blocks_a_tpu_cannot_tile_fail_when_lowered_for_tpu_not_when_run_here():
+  """16x16 blocks: interpreted on this CPU they are exact; lowered for a TPU, Pallas' own
+  TPU lowering refuses them (the tiling checks of `grouped.row_tile` are for the
+  platform this process runs on)."""
+  mask = (np.random.default_rng(0).random((48, 48)) < 0.5).astype(np.float32)
+  bsm = BlockSparseMask.from_mask(mask, block_shape=(16, 16))
+  fn = jax.jit(lambda x, w: block_sparse_matmul(x, w, bsm, implementation="pallas"))
+  x, w = jnp.ones((8, 48)), jnp.ones((48, 48))
+  np.testing.assert_allclose(fn(x, w), x @ (w * mask), rtol=1e-6)
+  with pytest.raises(ValueError, match="Pallas TPU lowering"):
+    fn.trace(x, w).lower(lowering_platforms=("tpu",))
