@@ -1,0 +1,83 @@
+"""The kernels compiled for real TPUs by the real compiler (libtpu's Mosaic), deviceless.
+
+XLA compiles for a TPU ahead of time on this CPU-only host: `jax.experimental.topologies`
+gives compile-only TPU devices, and `jax.jit(f).trace(args on such a device).lower()
+.compile()` runs libtpu's compiler, Mosaic included, with its VMEM/SMEM and layout
+checks that interpret mode never sees (../shared/docs/hardware.md). The compiler is the
+libtpu of the installed jax, put in its own folder by `bash scripts/install_compilers.sh`
+(part of the README's test command); without it these tests fail, they do not skip.
+The H200 compile (jax-cuda12-plugin) is not here yet.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+
+from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
+from kernels_pallas.expert_matmul import expert_matmul
+
+COMPILERS = os.environ.get("FPE_JAX_COMPILERS",
+                           os.path.expanduser("~/.cache/fpe_jax/compilers"))
+LIBTPU = os.path.join(COMPILERS, "libtpu", "libtpu", "libtpu.so")
+# Read when the TPU plugin loads (at the first compile-only topology), not at import.
+os.environ.setdefault("TPU_LIBRARY_PATH", LIBTPU)
+# libtpu looks for TPU hosts at initialisation; compile-only devices need none.
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+
+TOPOLOGIES = {"v5e": "v5e:1x1", "v6e": "v6e:1x1"}
+
+
+@pytest.fixture(scope="module", params=sorted(TOPOLOGIES))
+def tpu(request):
+  """A compile-only TPU device of the named generation."""
+  assert os.path.isfile(os.environ["TPU_LIBRARY_PATH"]), (
+      f"no libtpu at {os.environ['TPU_LIBRARY_PATH']}: run `bash scripts/install_compilers.sh`")
+  topology = topologies.get_topology_desc(TOPOLOGIES[request.param], platform="tpu",
+                                          chips_per_host_bounds=(1, 1, 1))
+  return topology.devices[0]
+
+
+def _block_mask(k, n, density, seed=0, block=128):
+  rng = np.random.default_rng(seed)
+  blocks = rng.random((-(-k // block), -(-n // block))) < density
+  blocks[0, :] = True
+  return np.kron(blocks, np.ones((block, block)))[:k, :n].astype(np.float32)
+
+
+def _square(rows, k, n, density):
+  bsm = BlockSparseMask.from_mask(_block_mask(k, n, density))
+  return (lambda x, w: block_sparse_matmul(x, w, bsm, implementation="pallas"),
+          ((rows, k), (k, n)))
+
+
+def _experts(tokens, num_experts, k, n, density):
+  bsm = BlockSparseMask.from_masks(np.stack([_block_mask(k, n, density, s)
+                                             for s in range(num_experts)]))
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, num_experts, tokens), jnp.int32)
+  return (lambda x, w: expert_matmul(x, ids, w, bsm, implementation="pallas"),
+          ((tokens, k), (num_experts, k, n)))
+
+
+CASES = {  # the default 128x128 blocks; kernels_pallas.bench's square and expert shapes
+    "square_small": lambda: _square(256, 512, 384, 0.5),
+    "square_bench": lambda: _square(1024, 4096, 4096, 0.25),
+    "experts_smollm2": lambda: _experts(1024, 8, 576, 1536, 0.5),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_gradients_compile_to_mosaic_kernels(tpu, case, dtype):
+  fn, shapes = CASES[case]()
+  args = [jax.ShapeDtypeStruct(s, dtype, sharding=SingleDeviceSharding(tpu)) for s in shapes]
+  grads = jax.grad(lambda x, w: fn(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
+  forward = jax.jit(fn).trace(*args).lower().compile().as_text()
+  backward = jax.jit(grads).trace(*args).lower().compile().as_text()
+  assert forward.count("tpu_custom_call") == 1
+  assert 2 <= backward.count("tpu_custom_call") <= 3  # input and weight grads (+ forward)
