@@ -1,35 +1,47 @@
 #!/usr/bin/env bash
 # Installs the compile-only accelerator compilers that tests/test_kernels_compile.py runs
-# on a CPU-only machine (../shared/docs/hardware.md): libtpu, the one of the installed jax
-# (the version its `tpu` extra pins), into $FPE_JAX_COMPILERS/libtpu (default
-# ~/.cache/fpe_jax/compilers/libtpu). It goes into its own folder, not the Python
-# environment: an importable libtpu makes every CPU-only `import jax` probe for TPUs and
-# print warnings. The tests point TPU_LIBRARY_PATH at it. Idempotent; about 700 MB.
+# on a CPU-only machine (../shared/docs/hardware.md), each the one of the installed jax,
+# under $FPE_JAX_COMPILERS (default ~/.cache/fpe_jax/compilers):
+#   libtpu/  libtpu, the version jax's `tpu` extra pins (about 700 MB);
+#   cuda12/  jax-cuda12-plugin and jax-cuda12-pjrt of jax's version (about 480 MB; XLA:GPU
+#            with Triton, enough to compile for an H200 without CUDA or a GPU).
+# Each goes into its own folder, not the Python environment: an importable libtpu or CUDA
+# plugin makes every CPU-only `import jax` probe for devices and print warnings. The tests
+# point TPU_LIBRARY_PATH at libtpu and put cuda12/ on a subprocess's PYTHONPATH.
+# Idempotent.
 set -euo pipefail
 
 ROOT="${FPE_JAX_COMPILERS:-$HOME/.cache/fpe_jax/compilers}"
 PY="${PYTHON:-python3}"
 
-SPEC="$("$PY" - <<'PY'
+LIBTPU="$("$PY" - <<'PY'
 import importlib.metadata as m
 pins = [r.split(";")[0].strip() for r in m.requires("jax") or []
         if r.startswith("libtpu") and 'extra == "tpu"' in r]
 print(pins[0] if pins else "")
 PY
 )"
-if [ -z "$SPEC" ]; then
-  echo "[install_compilers] the installed jax pins no libtpu (its tpu extra)" >&2
+JAX_VERSION="$("$PY" -c 'import importlib.metadata as m; print(m.version("jax"))')"
+if [ -z "$LIBTPU" ]; then
+  echo "[install_compilers] the installed jax $JAX_VERSION pins no libtpu (its tpu extra)" >&2
   exit 1
 fi
-if [ -f "$ROOT/libtpu/.spec" ] && [ "$(cat "$ROOT/libtpu/.spec")" = "$SPEC" ] \
-    && [ -f "$ROOT/libtpu/libtpu/libtpu.so" ]; then
-  echo "[install_compilers] $SPEC already in $ROOT/libtpu"
-  exit 0
-fi
-echo "[install_compilers] $SPEC -> $ROOT/libtpu"
-rm -rf "$ROOT/libtpu.tmp"
-"$PY" -m pip install -q --no-deps --target "$ROOT/libtpu.tmp" "$SPEC"
-echo "$SPEC" > "$ROOT/libtpu.tmp/.spec"
-rm -rf "$ROOT/libtpu"
-mv "$ROOT/libtpu.tmp" "$ROOT/libtpu"
+
+# install FOLDER SPEC...: pip --target into FOLDER.tmp, then rename (a kill leaves no half).
+install() {
+  local folder="$ROOT/$1"; shift
+  if [ -f "$folder/.spec" ] && [ "$(cat "$folder/.spec")" = "$*" ]; then
+    echo "[install_compilers] $* already in $folder"
+    return
+  fi
+  echo "[install_compilers] $* -> $folder"
+  rm -rf "$folder.tmp"
+  "$PY" -m pip install -q --no-deps --target "$folder.tmp" "$@"
+  echo "$*" > "$folder.tmp/.spec"
+  rm -rf "$folder"
+  mv "$folder.tmp" "$folder"
+}
+
+install libtpu "$LIBTPU"
+install cuda12 "jax-cuda12-plugin==$JAX_VERSION" "jax-cuda12-pjrt==$JAX_VERSION"
 echo "[install_compilers] done"

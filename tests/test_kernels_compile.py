@@ -1,4 +1,4 @@
-"""The kernels compiled for real TPUs by the real compiler (libtpu's Mosaic), deviceless.
+"""The kernels compiled by the real compilers for TPU v5e / v6e and an H200, deviceless.
 
 XLA compiles for a TPU ahead of time on this CPU-only host: `jax.experimental.topologies`
 gives compile-only TPU devices, and `jax.jit(f).trace(args on such a device).lower()
@@ -6,10 +6,15 @@ gives compile-only TPU devices, and `jax.jit(f).trace(args on such a device).low
 checks that interpret mode never sees (../shared/docs/hardware.md). The compiler is the
 libtpu of the installed jax, put in its own folder by `bash scripts/install_compilers.sh`
 (part of the README's test command); without it these tests fail, they do not skip.
-The H200 compile (jax-cuda12-plugin) is not here yet.
+For an H200 the compiler is XLA:GPU with Triton from the jax-cuda12 plugin (the same
+script), in a subprocess (tests/compile_for_h200.py) on a compile-only device described by
+tests/data/h200_target_config.txtpb.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,7 @@ from jax.sharding import SingleDeviceSharding
 from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
 from kernels_pallas.expert_matmul import expert_matmul
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILERS = os.environ.get("FPE_JAX_COMPILERS",
                            os.path.expanduser("~/.cache/fpe_jax/compilers"))
 LIBTPU = os.path.join(COMPILERS, "libtpu", "libtpu", "libtpu.so")
@@ -71,13 +77,47 @@ CASES = {  # the default 128x128 blocks; kernels_pallas.bench's square and exper
 }
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def compiled_kernel_calls(case, dtype, device, custom_call: str) -> dict:
+  """Compiles a case's forward and gradients for `device`: the kernels' custom calls in
+  each compiled program ({"forward": n, "backward": n})."""
+  fn, shapes = case()
+  args = [jax.ShapeDtypeStruct(s, dtype, sharding=SingleDeviceSharding(device))
+          for s in shapes]
+  grads = jax.grad(lambda x, w: fn(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
+  return {part: jax.jit(f).trace(*args).lower().compile().as_text().count(custom_call)
+          for part, f in (("forward", fn), ("backward", grads))}
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_and_gradients_compile_to_mosaic_kernels(tpu, case, dtype):
-  fn, shapes = CASES[case]()
-  args = [jax.ShapeDtypeStruct(s, dtype, sharding=SingleDeviceSharding(tpu)) for s in shapes]
-  grads = jax.grad(lambda x, w: fn(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
-  forward = jax.jit(fn).trace(*args).lower().compile().as_text()
-  backward = jax.jit(grads).trace(*args).lower().compile().as_text()
-  assert forward.count("tpu_custom_call") == 1
-  assert 2 <= backward.count("tpu_custom_call") <= 3  # input and weight grads (+ forward)
+  calls = compiled_kernel_calls(CASES[case], DTYPES[dtype], tpu, "tpu_custom_call")
+  assert calls["forward"] == 1
+  assert 2 <= calls["backward"] <= 3  # the input and weight gradients (+ the forward)
+
+
+@pytest.fixture(scope="module")
+def h200():
+  """{(case, dtype): compile record} of tests/compile_for_h200.py, run once."""
+  plugin = os.path.join(COMPILERS, "cuda12")
+  assert os.path.isdir(os.path.join(plugin, "jax_plugins")), (
+      f"no jax-cuda12 plugin in {plugin}: run `bash scripts/install_compilers.sh`")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, plugin]))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "compile_for_h200.py")],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return {(r["case"], r["dtype"]): r for r in json.loads(proc.stdout.splitlines()[-1])}
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_gradients_compile_to_triton_kernels_for_an_h200(h200, case, dtype):
+  record = h200[(case, dtype)]
+  assert record["device"] == "NVIDIA H200"
+  assert "error" not in record, record["error"]
+  assert record["forward"] == 1
+  assert 2 <= record["backward"] <= 3

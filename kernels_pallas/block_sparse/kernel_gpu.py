@@ -29,8 +29,24 @@ def check_blocks(bm: int, bk: int, bn: int, kp: int, np_: int, dtype) -> None:
                        "kernel; choose another block_shape")
 
 
-def _compiler_params(bm: int, bn: int):
-  return pltriton.CompilerParams(num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+# Shared memory a Triton program may use on Hopper (sm_90's opt-in limit per block).
+SHARED_MEMORY_BYTES = 232448
+
+
+def _compiler_params(rows: int, cols: int, *, loop_bytes: int = 0):
+  """Warps by output tile size; the software pipeline as deep as shared memory allows.
+
+  Triton keeps (num_stages - 1) copies of each loop iteration's loaded tiles in shared
+  memory beside the f32 output tile: for the weight gradient's two f32 128x128 tiles at
+  three stages that is 2 x 128 KiB + 64 KiB = 327,680 bytes, what the deviceless H200
+  compile reported over the 232,448 available. `loop_bytes` (the tiles one iteration
+  loads, where they are staged this way) picks the deepest of 3 / 2 / 1 stages that fits.
+  """
+  out_bytes = rows * cols * 4
+  stages = next((s for s in (3, 2) if (s - 1) * loop_bytes + out_bytes <= SHARED_MEMORY_BYTES),
+                1)
+  return pltriton.CompilerParams(num_warps=8 if rows * cols >= 128 * 128 else 4,
+                                 num_stages=stages)
 
 
 def _whole():
@@ -163,7 +179,8 @@ def weight_grad(x_rows, dy_rows, block_slots, block_masks, layout, *, num_groups
       grid=(num_groups, kb, nb),
       in_specs=[_whole()] * 6,
       out_specs=pl.BlockSpec((pl.squeezed, bk, bn), lambda g, k, n: (g, k, n)),
-      compiler_params=_compiler_params(bk, bn),
+      compiler_params=_compiler_params(
+          bk, bn, loop_bytes=bm * (bk + bn) * jnp.dtype(x_rows.dtype).itemsize),
       interpret=interpret,
       name="block_sparse_weight_grad_gpu",
   )(block_slots, layout.group_tile_start, layout.group_tile_count, x_rows, dy_rows, block_masks)
