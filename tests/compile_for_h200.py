@@ -13,10 +13,7 @@ import json
 import os
 import sys
 
-import jax
-import jax.numpy as jnp
 from jax.experimental import topologies
-from jax.sharding import SingleDeviceSharding
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_kernels_compile import CASES, DTYPES, compiled_kernel_calls  # noqa: E402
