@@ -30,11 +30,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILERS = os.environ.get("FPE_JAX_COMPILERS",
                            os.path.expanduser("~/.cache/fpe_jax/compilers"))
 LIBTPU = os.path.join(COMPILERS, "libtpu", "libtpu", "libtpu.so")
-# Read when the TPU plugin loads (at the first compile-only topology), not at import.
-os.environ.setdefault("TPU_LIBRARY_PATH", LIBTPU)
-# libtpu looks for TPU hosts at initialisation; compile-only devices need none.
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+TPU_ENVIRONMENT = {
+    "TPU_LIBRARY_PATH": LIBTPU,  # read when the TPU plugin loads (the first topology)
+    # libtpu looks for TPU hosts when it loads; compile-only devices need none.
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_ACCELERATOR_TYPE": "v5litepod-1",
+}
 
 TOPOLOGIES = {"v5e": "v5e:1x1", "v6e": "v6e:1x1"}
 
@@ -42,6 +43,8 @@ TOPOLOGIES = {"v5e": "v5e:1x1", "v6e": "v6e:1x1"}
 @pytest.fixture(scope="module", params=sorted(TOPOLOGIES))
 def tpu(request):
   """A compile-only TPU device of the named generation."""
+  for name, value in TPU_ENVIRONMENT.items():
+    os.environ.setdefault(name, value)
   assert os.path.isfile(os.environ["TPU_LIBRARY_PATH"]), (
       f"no libtpu at {os.environ['TPU_LIBRARY_PATH']}: run `bash scripts/install_compilers.sh`")
   topology = topologies.get_topology_desc(TOPOLOGIES[request.param], platform="tpu",
