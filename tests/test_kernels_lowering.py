@@ -108,3 +108,21 @@ def test_blocks_a_tpu_cannot_tile_fail_when_lowered_for_tpu_not_when_run_here():
   np.testing.assert_allclose(fn(x, w), x @ (w * mask), rtol=1e-6)
   with pytest.raises(ValueError, match="Pallas TPU lowering"):
     fn.trace(x, w).lower(lowering_platforms=("tpu",))
+
+
+def _dense_metadata(groups, k, n, block=128):
+  """The BlockMetadata shapes of `groups` all-dense [k, n] masks (zeros: only sizes count)."""
+  from kernels_pallas.block_sparse.metadata import BlockMetadata  # noqa: PLC0415
+  kb, nb = k // block, n // block
+  z = lambda *shape: np.zeros((groups, *shape), np.int32)  # noqa: E731
+  return BlockMetadata(z(nb, kb), z(nb, kb), z(nb), z(kb, nb), z(kb, nb), z(kb), z(kb, nb),
+                       np.zeros((groups, 1, block, block), np.int8))
+
+
+def test_block_lists_beyond_tpu_scalar_memory_are_named_before_mosaic_fails():
+  """64 groups of a dense 4096x8192 layer overflowed SMEM in a deviceless v5e compile
+  (Mosaic: "Ran out of memory in memory space smem"); 32 fit."""
+  from kernels_pallas.block_sparse import kernel_tpu  # noqa: PLC0415
+  kernel_tpu.check_scalar_memory(_dense_metadata(32, 4096, 8192), tiles=40)
+  with pytest.raises(ValueError, match=r"forward kernel's block lists take 1,06\d,\d{3} bytes"):
+    kernel_tpu.check_scalar_memory(_dense_metadata(64, 4096, 8192), tiles=72)

@@ -36,6 +36,31 @@ def check_blocks(bm: int, bk: int, bn: int, kp: int, np_: int, dtype) -> None:
     raise ValueError(f"block_m={bm} must be a multiple of {sublane} on TPU for {jnp.dtype(dtype)}")
 
 
+# Scalar memory (SMEM) of TPU v4, v5e, v5p and v6e; the scalar-prefetch block lists live there.
+SCALAR_MEMORY_BYTES = 1 << 20
+
+
+def check_scalar_memory(meta, tiles: int) -> None:
+  """The block lists a kernel prefetches into SMEM must fit: one launch's int32 lists
+  (its row tiles' groups, and the forward's, input gradient's or weight gradient's block
+  ids and slots over every group). Mosaic's own error for an overflow is only "Ran out of
+  memory in memory space smem" (seen at 64 groups of a 4096x8192 layer)."""
+  lists = {
+      "forward": meta.col_block_rows.size + meta.col_block_slots.size
+                 + meta.col_block_counts.size,
+      "input gradient": meta.row_block_cols.size + meta.row_block_slots.size
+                        + meta.row_block_counts.size,
+      "weight gradient": meta.block_slots.size,
+  }
+  for kernel, entries in lists.items():
+    used = 4 * (entries + tiles + 1)
+    if used > SCALAR_MEMORY_BYTES:
+      raise ValueError(
+          f"the {kernel} kernel's block lists take {used:,} bytes of TPU scalar memory, more "
+          f"than its {SCALAR_MEMORY_BYTES:,}: use larger blocks, fewer groups (members or "
+          "experts) per call, or split the layer")
+
+
 def _compiler_params():
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
