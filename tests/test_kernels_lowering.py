@@ -126,3 +126,12 @@ def test_block_lists_beyond_tpu_scalar_memory_are_named_before_mosaic_fails():
   kernel_tpu.check_scalar_memory(_dense_metadata(32, 4096, 8192), tiles=40)
   with pytest.raises(ValueError, match=r"forward kernel's block lists take 1,06\d,\d{3} bytes"):
     kernel_tpu.check_scalar_memory(_dense_metadata(64, 4096, 8192), tiles=72)
+
+
+def test_operands_beyond_triton_32_bit_offsets_are_named():
+  from kernels_pallas.block_sparse import kernel_gpu  # noqa: PLC0415
+  kernel_gpu.check_operand_sizes(rows=65536, groups=8, kp=4096, np_=4096)  # 2**28, 2**27
+  with pytest.raises(ValueError, match=r"activations hold 2,147,483,648 elements"):
+    kernel_gpu.check_operand_sizes(rows=2**19, groups=1, kp=4096, np_=128)
+  with pytest.raises(ValueError, match=r"weights hold 2,147,483,648 elements"):
+    kernel_gpu.check_operand_sizes(rows=128, groups=128, kp=4096, np_=4096)

@@ -116,8 +116,8 @@ def row_tile(cfg: KernelConfig, rows: int, meta: BlockMetadata, k: int, n: int, 
   """Rows per tile for `rows` rows, checked against the hardware's tiling rules.
 
   The interpreter has no tiling rules; on the hardware this process runs on, a block shape
-  the kernel cannot tile, or (TPU) block lists beyond its scalar memory, raises a
-  ValueError that names it. A kernel traced for another
+  the kernel cannot tile, block lists beyond a TPU's scalar memory, or operands beyond
+  Triton's 32-bit offsets raise a ValueError that names them. A kernel traced for another
   platform (an ahead-of-time lowering from a CPU host; the branches of
   `on_lowering_platform` that are traced but never lowered here) is left to that
   platform's Pallas lowering and compiler, whose own errors then name the block.
@@ -126,8 +126,12 @@ def row_tile(cfg: KernelConfig, rows: int, meta: BlockMetadata, k: int, n: int, 
   if not cfg.interpret and cfg.backend == implementations.native_backend():
     bk, bn = meta.block_masks.shape[-2:]
     _BACKENDS[cfg.backend].check_blocks(bm, bk, bn, *padded_dims(meta, k, n), dtype)
-    if cfg.backend == "tpu":  # an upper bound on the tiles: one partial tile per group
-      kernel_tpu.check_scalar_memory(meta, -(-rows // bm) + meta.block_slots.shape[0])
+    groups = meta.block_slots.shape[0]
+    tiles = -(-rows // bm) + groups  # an upper bound: one partial tile per group
+    if cfg.backend == "tpu":
+      kernel_tpu.check_scalar_memory(meta, tiles)
+    else:
+      kernel_gpu.check_operand_sizes(tiles * bm, groups, *padded_dims(meta, k, n))
   return bm
 
 

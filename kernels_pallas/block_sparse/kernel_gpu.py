@@ -33,6 +33,21 @@ def check_blocks(bm: int, bk: int, bn: int, kp: int, np_: int, dtype) -> None:
 SHARED_MEMORY_BYTES = 232448
 
 
+# Triton computes element offsets in int32: an operand of 2**31 elements or more would wrap.
+MAX_OPERAND_ELEMENTS = 2**31 - 1
+
+
+def check_operand_sizes(rows: int, groups: int, kp: int, np_: int) -> None:
+  """Every operand a kernel indexes (rows x Kp activations, rows x Np outputs and
+  gradients, G x Kp x Np weights) must have fewer than 2**31 elements."""
+  for name, elements in (("activations", rows * kp), ("outputs", rows * np_),
+                         ("weights", groups * kp * np_)):
+    if elements > MAX_OPERAND_ELEMENTS:
+      raise ValueError(f"the GPU (Triton) kernel's {name} hold {elements:,} elements, more "
+                       f"than its 32-bit offsets reach ({MAX_OPERAND_ELEMENTS:,}): split the "
+                       "batch or the layer")
+
+
 def _compiler_params(rows: int, cols: int, *, loop_bytes: int = 0):
   """Warps by output tile size; the software pipeline as deep as shared memory allows.
 
