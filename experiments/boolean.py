@@ -144,7 +144,8 @@ def boolean_task(cfg: Config) -> fpe_sweep.Task:
 
 
 POINT = dict(by=("width", "clauses", "arm", "alpha"),
-             metrics=("accuracy", "capacity", "abs_cosine", "cosine", "clause_load"),
+             metrics=("accuracy", "capacity", "abs_cosine", "cosine", "clause_load",
+                      "block_density"),
              order=lambda r: (r["width"], r["clauses"], SPLIT_CHOICES.index(r["arm"]),
                               r["alpha"]))
 

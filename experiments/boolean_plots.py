@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SPLIT_COLORS = {"dense": "black", "random": "tab:green", "clause": "tab:orange",
-                "feature": "tab:blue", "overlap": "tab:red"}
+                "feature": "tab:blue", "overlap": "tab:red", "block": "tab:purple"}
 ALPHA_STYLES = {1: "--", 2: "-", 4: ":"}
 
 

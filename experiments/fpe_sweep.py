@@ -13,8 +13,8 @@ mirrors it (backbone masks all ones). `fpe.expand` sees the head only.
 Arms, for each base width h (every arm has exactly the non-zero count of dense width h,
 except the larger dense models that measure the "equivalent dense size"):
 - dense: width h, --warmup_steps then --steps more (the optimiser state carries on).
-- FPE splits (random / clause / feature / overlap), for each alpha: the warmed-up dense
-  model expanded (`fpe.expand` over `ModelSpec.expand_layers` under one budget), then
+- FPE splits (random / clause / feature / overlap / block), for each alpha: the warmed-up
+  dense model expanded (`fpe.expand` over `ModelSpec.expand_layers` under one budget), then
   --steps with a fresh optimiser whose learning-rate schedule continues from the
   warm-up's step (`make_optimizer`). The minibatch sequence continues from the warm-up, so
   every arm of a run sees the same minibatches and learning rates as the dense baseline.
@@ -75,8 +75,11 @@ from kernels_pallas.block_sparse import BlockSparseMask
 # flag's owner, so the binary's flags.txt (common.resolved_flags) lists them.
 flags.disclaim_key_flags()
 
-REAL_DATA_SPLITS = ("random", "feature", "overlap")
+REAL_DATA_SPLITS = ("random", "feature", "overlap", "block")
 ARMS = ("dense",) + REAL_DATA_SPLITS + ("dropconnect",)  # the real-data binaries' arms
+# --arms' default: every arm but `block` (added later; a default that grew would make runs
+# started before it refuse to resume, their flags.txt listing the old default).
+DEFAULT_ARMS = ("dense", "random", "feature", "overlap", "dropconnect")
 
 
 # --------------------------------------------------------------------------- config
@@ -520,20 +523,25 @@ def layer_metrics(params: dict, masks: dict, layers: Sequence[int]) -> dict:
   capacity, abs_cosine and cosine are the first layer's (the headline figures); the
   `*_per_layer` lists hold every layer's. unconnected_neurons counts the neurons the
   budget prune left without an incoming edge (a sign it ate a whole layer, see --budget).
+  block_density is the share of 128x128 blocks of the first layer's incoming mask that
+  hold a non-zero (what the block-sparse kernel multiplies; 1/alpha for the `block` split
+  when the widths are multiples of 128); `block_density_per_layer` holds every layer's.
   """
   _, head = split_params(params)
   _, head_masks = split_params(masks)
-  capacity, abs_cosine, unconnected = [], [], 0
+  capacity, abs_cosine, density, unconnected = [], [], [], 0
   for layer in layers:
     w = head[nn.layer_name(layer)]["w"]
     capacity.append(float(jnp.mean(metrics.feature_capacity(w))))
     abs_cosine.append(float(metrics.mean_pairwise_cosine(w, absolute=True)))
     incoming = np.asarray(nn.dense_mask(head_masks[nn.layer_name(layer)]["w"]))
     unconnected += int(np.sum(incoming.sum(axis=0) == 0))
+    density.append(metrics.block_density(incoming))
   first = head[nn.layer_name(layers[0])]["w"]
   return {"capacity": capacity[0], "abs_cosine": abs_cosine[0],
           "cosine": float(metrics.mean_pairwise_cosine(first)),
           "capacity_per_layer": capacity, "abs_cosine_per_layer": abs_cosine,
+          "block_density": density[0], "block_density_per_layer": density,
           "unconnected_neurons": unconnected}
 
 
@@ -665,7 +673,8 @@ def equivalent_dense_size(accuracy: float, family: Sequence[tuple[int, float]],
 # ------------------------------------------------------- real data: claims, table, plots
 
 REAL_DATA_POINT = dict(by=("task", "width", "arm", "alpha"),
-                       metrics=("accuracy", "capacity", "abs_cosine", "unconnected_neurons"),
+                       metrics=("accuracy", "capacity", "abs_cosine", "unconnected_neurons",
+                                "block_density"),
                        constant=("head_width", "nonzero"))
 
 
@@ -914,7 +923,8 @@ def define_sweep_flags(**defaults) -> None:
   Call it once, when the binary is imported (the flags are filed under the binary, see
   `define_training_flags`). `defaults` overrides a flag's default by name.
   """
-  grid = {"widths": ["8", "16", "32"], "arms": list(ARMS), "dense_ratios": ["1.2", "2"]}
+  grid = {"widths": ["8", "16", "32"], "arms": list(DEFAULT_ARMS),
+          "dense_ratios": ["1.2", "2"]}
   grid.update({k: defaults.pop(k) for k in list(defaults) if k in grid})
   flags.DEFINE_list("widths", grid["widths"], "Widths (neurons per hidden layer) before "
                     "expansion; each must be >= every alpha.")

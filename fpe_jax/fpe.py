@@ -7,7 +7,7 @@
    parts, one per child (the `overlap` control instead gives each child an independent
    random subset of the same size). The parent's outgoing row is copied to every child,
    and its bias per `bias` ("copy" by default). Child c of parent j is neuron
-   `j * alpha + c`, so a parent's children stay adjacent.
+   `j * alpha + c`, so a parent's children stay adjacent (except for `block`, below).
 2. `restore_budget`: copying outgoing weights and biases grows the non-zero count;
    magnitude pruning of the expanded layers' weight matrices gives exactly that growth
    back, so `count_nonzero` after == before. Biases are never pruned (they count, but a
@@ -26,6 +26,14 @@ Splits (how a parent's incoming edges are shared out):
 - `overlap` (control): each child draws its inputs independently from the parent's
   support, the same count a disjoint child would get, so children overlap and some of
   the parent's inputs are dropped.
+- `block`: child c of every parent takes input group c, the c-th of `alpha` contiguous
+  ranges of the layer's inputs, and the children are laid out child-major (child c of
+  parent j is neuron `c * h + j`, the outgoing rows and biases permuted with them, so the
+  function is the same as any other layout's). The expanded incoming matrix's mask is
+  then block-diagonal with `alpha` blocks: at (bk, bn) kernel blocks it has block density
+  1/alpha when d_in / alpha and h are multiples of bk and bn, so the block-sparse kernels
+  skip (alpha - 1) / alpha of it. The split a kernel can exploit, for comparison with
+  the per-parent random one (whose blocks are almost all non-empty).
 
 Any MLP's params tree works, not only `nn.init_mlp`'s: layers are addressed by their
 paths in the tree (`nn.layer_paths`: `("dense_0",)`, a Flax linen `("Dense_0",)`, an NNX
@@ -43,7 +51,7 @@ import numpy as np
 
 from fpe_jax import nn
 
-SPLITS = ("random", "clause", "feature", "overlap")
+SPLITS = ("random", "clause", "feature", "overlap", "block")
 BIAS_MODES = ("copy", "split", "zero")
 BUDGET_MODES = ("global", "per_layer")
 Layer = str | int | nn.LayerPath  # a top-level layer name or a layer's path in the tree
@@ -208,6 +216,8 @@ def split_neurons(
       )
     if split == "random":
       owner = _balanced_random_owner(support.size, alpha, rng)
+    elif split == "block":  # contiguous input ranges, the same for every parent
+      owner = _fill_empty_children(support * alpha // d_in, alpha)
     elif split == "clause":
       owner = _clause_owner(support, w_in[:, j], clauses, signs, alpha)
     elif split == "feature":
@@ -219,21 +229,25 @@ def split_neurons(
       continue
     child_masks[support, j, owner] = True
 
-  new_m_in = child_masks.reshape(d_in, h * alpha)
-  new_w_in = np.repeat(w_in, alpha, axis=1) * new_m_in
+  # Child-major for `block`: column c * h + j is child c of parent j (parent-major
+  # j * alpha + c otherwise); the biases and outgoing rows below follow the same order.
+  order = (np.arange(h * alpha).reshape(h, alpha).T.ravel() if split == "block"
+           else np.arange(h * alpha))
+  new_m_in = child_masks.reshape(d_in, h * alpha)[:, order]
+  new_w_in = np.repeat(w_in, alpha, axis=1)[:, order] * new_m_in
   new_inc = {**inc, w_key: jnp.asarray(new_w_in)}
   # The new mask layers list their leaves in the params' order, as the params do.
   new_inc_mask = {**{k: inc_mask[k] for k in inc}, w_key: jnp.asarray(new_m_in.astype(np.float32))}
   if b_key is not None:
     b = np.asarray(inc[b_key], np.float32)
     new_b = {"copy": np.repeat(b, alpha), "split": np.repeat(b / alpha, alpha),
-             "zero": np.zeros(h * alpha, np.float32)}[bias]
-    new_mb = np.repeat(np.asarray(nn.dense_mask(inc_mask[b_key])), alpha)
+             "zero": np.zeros(h * alpha, np.float32)}[bias][order]
+    new_mb = np.repeat(np.asarray(nn.dense_mask(inc_mask[b_key])), alpha)[order]
     new_inc[b_key] = jnp.asarray(new_b * new_mb)
     new_inc_mask[b_key] = jnp.asarray(new_mb.astype(np.float32))
-  # Outgoing rows are copied: child j * alpha + c sends what parent j sent.
-  new_w_out = np.repeat(np.asarray(out[out_key], np.float32), alpha, axis=0)
-  new_m_out = np.repeat(np.asarray(nn.dense_mask(out_mask[out_key])), alpha, axis=0)
+  # Outgoing rows are copied: every child sends what its parent sent.
+  new_w_out = np.repeat(np.asarray(out[out_key], np.float32), alpha, axis=0)[order]
+  new_m_out = np.repeat(np.asarray(nn.dense_mask(out_mask[out_key])), alpha, axis=0)[order]
 
   params = nn.set_layer(params, paths[layer], new_inc)
   masks = nn.set_layer(masks, paths[layer], new_inc_mask)

@@ -1,4 +1,5 @@
-"""Interference and entanglement metrics: feature capacity, neuron cosine, clause load, WD.
+"""Interference and entanglement metrics: feature capacity, neuron cosine, clause load, WD,
+and the block density a block-skipping kernel sees.
 
 Conventions: `w: [d_in, d_hidden]` is a layer's weight in the library layout
 (y = x @ w), so row `w[i]` is input feature i's embedding across the hidden neurons and
@@ -7,6 +8,7 @@ column `w[:, j]` is hidden neuron j's incoming weight vector.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import ndtri
 
 
@@ -116,3 +118,15 @@ def wasserstein_to_gaussian(y: jax.Array) -> jax.Array:
   z = _safe_divide(centred, jnp.std(y, axis=0))
   quantiles = ndtri((jnp.arange(1, n + 1, dtype=jnp.float32) - 0.5) / n)
   return jnp.mean(jnp.abs(jnp.sort(z, axis=0) - quantiles[:, None]), axis=0)
+
+
+def block_density(mask, block_shape: tuple[int, int] = (128, 128)) -> float:
+  """Share of the (bk, bn) blocks of a [K, N] 0/1 mask that hold a non-zero (the last
+  row- and column-blocks zero-padded): what a block-skipping kernel still multiplies."""
+  mask = np.asarray(mask) != 0
+  bk, bn = block_shape
+  k, n = mask.shape
+  padded = np.zeros((-(-k // bk) * bk, -(-n // bn) * bn), bool)
+  padded[:k, :n] = mask
+  blocks = padded.reshape(padded.shape[0] // bk, bk, padded.shape[1] // bn, bn)
+  return float(blocks.any(axis=(1, 3)).mean())

@@ -56,7 +56,7 @@ def test_expand_preserves_the_nonzero_count_exactly(case):
 def test_children_partition_the_parent_support(case):
   rng = np.random.default_rng(100 + case)
   sizes, params, masks = _random_case(rng)
-  split = ("random", "clause", "feature")[case % 3]
+  split = ("random", "clause", "feature", "block")[case % 4]
   layer = 0 if split == "clause" else int(rng.integers(len(sizes) - 2))
   alpha = int(rng.integers(2, 4))
   name, out = nn.layer_name(layer), nn.layer_name(layer + 1)
@@ -66,18 +66,24 @@ def test_children_partition_the_parent_support(case):
       params, masks, layer=layer, alpha=alpha, split=split, key=jax.random.key(case),
       clauses=variables, clause_signs=signs)
   h = sizes[layer + 1]
-  children = (np.asarray(new_masks[name]["w"]) != 0).reshape(sizes[layer], h, alpha)
+
+  def by_parent(a, axis):  # [..., h * alpha, ...] -> [..., h, alpha, ...] (block: child-major)
+    shape = a.shape[:axis] + ((alpha, h) if split == "block" else (h, alpha)) + a.shape[axis + 1:]
+    a = a.reshape(shape)
+    return np.swapaxes(a, axis, axis + 1) if split == "block" else a
+
+  children = by_parent(np.asarray(new_masks[name]["w"]) != 0, 1)
   # Disjoint, union = parent's support, no child empty.
   assert np.all(children.sum(-1) == parent_support)
   assert np.all(children.sum(0) >= 1)
   # Each child carries the parent's weights on its part.
   w_parent = np.asarray(params[name]["w"])
-  w_children = np.asarray(new_params[name]["w"]).reshape(sizes[layer], h, alpha)
+  w_children = by_parent(np.asarray(new_params[name]["w"]), 1)
   np.testing.assert_array_equal(w_children.sum(-1), w_parent)
   # Outgoing rows and biases copied to every child.
-  w_out = np.asarray(new_params[out]["w"]).reshape(h, alpha, -1)
+  w_out = by_parent(np.asarray(new_params[out]["w"]), 0)
   np.testing.assert_array_equal(w_out, np.repeat(np.asarray(params[out]["w"])[:, None], alpha, 1))
-  np.testing.assert_array_equal(np.asarray(new_params[name]["b"]).reshape(h, alpha),
+  np.testing.assert_array_equal(by_parent(np.asarray(new_params[name]["b"]), 0),
                                 np.repeat(np.asarray(params[name]["b"])[:, None], alpha, 1))
 
 
@@ -158,3 +164,36 @@ def test_bad_arguments_name_the_argument(kwargs, match):
   args = dict(layer=0, alpha=2, split="random", key=jax.random.key(0)) | kwargs
   with pytest.raises(ValueError, match=match):
     fpe.expand(params, nn.full_masks(params), **args)
+
+
+def test_block_split_masks_are_block_diagonal_with_density_one_over_alpha():
+  """Widths that are multiples of 128: the expanded incoming mask has alpha diagonal
+  blocks, block density 1/alpha at 128x128, the function of the parent layout's
+  equivalent (the same as a per-parent split before pruning: every child reads a
+  disjoint share and sends its parent's row), and the non-zeros exact after the budget."""
+  from fpe_jax import metrics  # noqa: PLC0415
+  key = jax.random.key(0)
+  for alpha in (2, 4):
+    params = nn.init_mlp(key, [512, 128, 10])
+    masks = nn.full_masks(params)
+    split, split_masks = fpe.split_neurons(params, masks, layer=0, alpha=alpha,
+                                           split="block", key=key)
+    m = np.asarray(split_masks["dense_0"]["w"])
+    assert m.shape == (512, 128 * alpha)
+    group = 512 // alpha
+    for c in range(alpha):  # child c of every parent: inputs [c * group, (c + 1) * group)
+      np.testing.assert_array_equal(m[:, c * 128:(c + 1) * 128],
+                                    np.repeat((np.arange(512) // group == c)[:, None], 128, 1))
+    assert metrics.block_density(m) == pytest.approx(1 / alpha)
+    # Copy biases, split inputs disjointly: before pruning, the children's sum per parent
+    # is the parent's pre-activation, so a linear readout of the layer is unchanged.
+    x = jax.random.normal(jax.random.key(1), (7, 512))
+    pre_parent = x @ params["dense_0"]["w"]
+    pre_children = (x @ split["dense_0"]["w"]).reshape(7, alpha, 128).sum(axis=1)
+    np.testing.assert_allclose(pre_children, pre_parent, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(split["dense_1"]["w"],
+                                  np.tile(np.asarray(params["dense_1"]["w"]), (alpha, 1)))
+    expanded, expanded_masks = fpe.expand(params, masks, layer=0, alpha=alpha,
+                                          split="block", key=key)
+    assert nn.count_nonzero(expanded, expanded_masks) == nn.count_nonzero(params, masks)
+    assert metrics.block_density(expanded_masks["dense_0"]["w"]) <= 1 / alpha
