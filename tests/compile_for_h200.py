@@ -16,7 +16,8 @@ import sys
 from jax.experimental import topologies
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_kernels_compile import CASES, DTYPES, compiled_kernel_calls  # noqa: E402
+from kernel_cases import CASES  # noqa: E402
+from test_kernels_compile import DTYPES, compiled_kernel_calls  # noqa: E402
 
 TRITON = "__gpu$xla.gpu.triton"
 TARGET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",

@@ -18,13 +18,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
-
-from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
-from kernels_pallas.expert_matmul import expert_matmul
+from kernel_cases import CASES, grad_of_sum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILERS = os.environ.get("FPE_JAX_COMPILERS",
@@ -52,46 +49,18 @@ def tpu(request):
   return topology.devices[0]
 
 
-def _block_mask(k, n, density, seed=0, block=128):
-  rng = np.random.default_rng(seed)
-  blocks = rng.random((-(-k // block), -(-n // block))) < density
-  blocks[0, :] = True
-  return np.kron(blocks, np.ones((block, block)))[:k, :n].astype(np.float32)
-
-
-def _square(rows, k, n, density):
-  bsm = BlockSparseMask.from_mask(_block_mask(k, n, density))
-  return (lambda x, w: block_sparse_matmul(x, w, bsm, implementation="pallas"),
-          ((rows, k), (k, n)))
-
-
-def _experts(tokens, num_experts, k, n, density):
-  bsm = BlockSparseMask.from_masks(np.stack([_block_mask(k, n, density, s)
-                                             for s in range(num_experts)]))
-  ids = jnp.asarray(np.random.default_rng(1).integers(0, num_experts, tokens), jnp.int32)
-  return (lambda x, w: expert_matmul(x, ids, w, bsm, implementation="pallas"),
-          ((tokens, k), (num_experts, k, n)))
-
-
-CASES = {  # the default 128x128 blocks; kernels_pallas.bench's square and expert shapes
-    "square_small": lambda: _square(256, 512, 384, 0.5),
-    "square_bench": lambda: _square(1024, 4096, 4096, 0.25),
-    "experts_smollm2": lambda: _experts(1024, 8, 576, 1536, 0.5),
-}
-
-
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def compiled_kernel_calls(case, dtype, device, custom_call: str) -> dict:
-  """Compiles a case's forward and gradients for `device`: the kernels' custom calls in
-  each compiled program ({"forward": n, "backward": n})."""
-  fn, shapes = case()
+  """Compiles a case's "pallas" forward and gradients for `device`: the kernels' custom
+  calls in each compiled program ({"forward": n, "backward": n})."""
+  op, shapes = case()
+  fn = op("pallas")
   args = [jax.ShapeDtypeStruct(s, dtype, sharding=SingleDeviceSharding(device))
           for s in shapes]
-  grads = jax.grad(lambda x, w: fn(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
   return {part: jax.jit(f).trace(*args).lower().compile().as_text().count(custom_call)
-          for part, f in (("forward", fn), ("backward", grads))}
+          for part, f in (("forward", fn), ("backward", grad_of_sum(fn)))}
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))

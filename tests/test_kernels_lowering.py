@@ -14,50 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_cases import CASES, grad_of_sum
 
 from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
-from kernels_pallas.expert_matmul import expert_matmul
 
 CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
-
-
-def _block_mask(k, n, density, seed=0, block=128):
-  """[k, n] 0/1 mask whose 128x128 blocks are full or empty, `density` of them full (the
-  last row- or column-block is partial when k or n is not a multiple of 128)."""
-  rng = np.random.default_rng(seed)
-  blocks = rng.random((-(-k // block), -(-n // block))) < density
-  blocks[0, :] = True  # every column-block keeps one block
-  return np.kron(blocks, np.ones((block, block)))[:k, :n].astype(np.float32)
-
-
-def _square(rows, k, n, density):
-  bsm = BlockSparseMask.from_mask(_block_mask(k, n, density))
-  op = lambda impl: lambda x, w: block_sparse_matmul(x, w, bsm, implementation=impl)  # noqa: E731
-  return op, ((rows, k), (k, n))
-
-
-def _experts(tokens, num_experts, k, n, density):
-  masks = np.stack([_block_mask(k, n, density, seed) for seed in range(num_experts)])
-  bsm = BlockSparseMask.from_masks(masks)
-  ids = jnp.asarray(np.random.default_rng(1).integers(0, num_experts, tokens), jnp.int32)
-  op = lambda impl: lambda x, w: expert_matmul(x, ids, w, bsm, implementation=impl)  # noqa: E731
-  return op, ((tokens, k), (num_experts, k, n))
-
-
-CASES = {  # the default 128x128 blocks; kernels_pallas.bench's shapes
-    "square_small": lambda: _square(128, 256, 384, 0.5),
-    "square_bench": lambda: _square(1024, 4096, 4096, 0.25),
-    "experts_smollm2": lambda: _experts(1024, 8, 576, 1536, 0.5),
-}
 
 
 def _lowered(fn, shapes, dtype, platform):
   args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
   return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-
-
-def _grad(fn):
-  return jax.grad(lambda x, w: fn(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -69,7 +35,7 @@ def test_lowered_for_an_accelerator_the_ops_hold_its_kernel(implementation, plat
   op, shapes = CASES[case]()
   fn = op(implementation)
   forward = _lowered(fn, shapes, dtype, platform)
-  grads = _lowered(_grad(fn), shapes, dtype, platform)
+  grads = _lowered(grad_of_sum(fn), shapes, dtype, platform)
   call = CUSTOM_CALLS[platform]
   assert forward.count(call) == 1
   # The input- and weight-gradient kernels, and the forward kernel where the custom VJP's
@@ -85,7 +51,7 @@ def test_lowered_for_cpu_the_ops_hold_no_kernel(implementation, case):
   """CPU: "pallas" interprets the kernel, "auto" and "xla" are XLA: no custom call."""
   op, shapes = CASES[case]()
   text = _lowered(op(implementation), shapes, jnp.float32, "cpu")
-  text += _lowered(_grad(op(implementation)), shapes, jnp.float32, "cpu")
+  text += _lowered(grad_of_sum(op(implementation)), shapes, jnp.float32, "cpu")
   assert not any(call in text for call in CUSTOM_CALLS.values())
 
 

@@ -1,0 +1,47 @@
+"""The kernel configurations the lowering and compile tests share (tests/test_kernels_lowering.py,
+tests/test_kernels_compile.py, tests/compile_for_h200.py): both ops at the default
+128x128 blocks, on a small square, kernels_pallas.bench's 1024x4096x4096 and SmolLM2's
+8-expert 576x1536."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
+from kernels_pallas.expert_matmul import expert_matmul
+
+
+def block_mask(k, n, density, seed=0, block=128):
+  """[k, n] 0/1 mask whose 128x128 blocks are full or empty, `density` of them full (the
+  last row- or column-block is partial when k or n is not a multiple of 128)."""
+  rng = np.random.default_rng(seed)
+  blocks = rng.random((-(-k // block), -(-n // block))) < density
+  blocks[0, :] = True  # every column-block keeps one block
+  return np.kron(blocks, np.ones((block, block)))[:k, :n].astype(np.float32)
+
+
+def _square(rows, k, n, density):
+  bsm = BlockSparseMask.from_mask(block_mask(k, n, density))
+  op = lambda impl: lambda x, w: block_sparse_matmul(x, w, bsm, implementation=impl)  # noqa: E731
+  return op, ((rows, k), (k, n))
+
+
+def _experts(tokens, num_experts, k, n, density):
+  masks = np.stack([block_mask(k, n, density, seed) for seed in range(num_experts)])
+  bsm = BlockSparseMask.from_masks(masks)
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, num_experts, tokens), jnp.int32)
+  op = lambda impl: lambda x, w: expert_matmul(x, ids, w, bsm, implementation=impl)  # noqa: E731
+  return op, ((tokens, k), (num_experts, k, n))
+
+
+# name -> () -> (implementation -> fn(x, w), (x shape, w shape))
+CASES = {
+    "square_small": lambda: _square(256, 512, 384, 0.5),
+    "square_bench": lambda: _square(1024, 4096, 4096, 0.25),
+    "experts_smollm2": lambda: _experts(1024, 8, 576, 1536, 0.5),
+}
+
+
+def grad_of_sum(fn):
+  """(dx, dw) of sum(fn(x, w)): the input- and weight-gradient kernels."""
+  return jax.grad(lambda x, w: fn(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
