@@ -176,23 +176,18 @@ def _recon_table(config: Config):
   from fpe_jax.data import austen, gguf_loader
   from fpe_jax.models import llama
 
-  try:
+  with common.packaged_data():
     ckpt = gguf_loader.load_llama_gguf()
-  except (FileNotFoundError, ImportError) as e:  # the messages name the install script
-    raise common.UsageError(f"data not installed: {e}") from None
   cfg, params = ckpt.config, jax.tree.map(jnp.asarray, ckpt.params)
   if not all(0 <= layer < cfg.n_layers for layer in layers):
     raise common.UsageError(f"--recon_layers: must be in [0, {cfg.n_layers}), got {layers}")
   llm_setup.check_context(ckpt, recon_window=config.recon_window)
-  try:
+  # A window longer than the text is the flag's; the text missing is the data's.
+  with common.packaged_data(), common.blame("recon_window", ValueError):
     calib, held_out = austen.calibration_and_eval_windows(
         lambda text: ckpt.tokenizer.encode(text).ids, calib_windows=config.recon_windows,
         calib_window=config.recon_window, eval_window=config.recon_window,
         eval_windows=config.recon_windows, seed=config.seed)
-  except FileNotFoundError as e:
-    raise common.UsageError(f"data not installed: {e}") from None
-  except ValueError as e:  # a window longer than the text
-    raise common.UsageError(f"--recon_window: {e}") from None
   configs = [("50%", dict(sparsity=0.5)), ("70%", dict(sparsity=0.7)), ("2:4", dict(n_m=(2, 4)))]
   print(f"relative layer error ||XW - XW'||^2 / ||XW||^2, {calib.size} calibration tokens "
         f"(calib) and {held_out.size} held-out tokens (eval)")

@@ -167,14 +167,27 @@ def seed_validator(name: str) -> None:
 
 
 @contextlib.contextmanager
-def blame(flag: str):
-  """Reports a library's ValueError or FileNotFoundError raised inside as bad input to
-  `--flag` (one line, exit 2). Wrap only calls whose errors can come from that flag's
-  value: an error the user cannot fix by changing it is a bug and keeps its traceback."""
+def blame(flag: str, *errors: type[Exception]):
+  """Reports a library's `errors` (default ValueError and FileNotFoundError) raised inside
+  as bad input to `--flag` (one line, exit 2). Wrap only calls whose errors can come from
+  that flag's value: an error the user cannot fix by changing it is a bug and keeps its
+  traceback."""
+  caught = errors or (ValueError, FileNotFoundError)
   try:
     yield
-  except (ValueError, FileNotFoundError) as e:
+  except caught as e:
     raise UsageError(f"--{flag}: {e}") from e
+
+
+@contextlib.contextmanager
+def packaged_data():
+  """Reports packaged data or readers that are not installed (FileNotFoundError or
+  ImportError from `fpe_jax.data`, whose messages name scripts/install_data.sh) as one
+  line, exit 2: no flag's fault."""
+  try:
+    yield
+  except (FileNotFoundError, ImportError) as e:
+    raise UsageError(f"data not installed: {e}") from e
 
 
 def _single_component(name: str | None) -> bool:

@@ -95,12 +95,9 @@ def head_spec(d_in: int, num_classes: int, depth: int) -> fpe_sweep.ModelSpec:
 
 def load_tasks(cfg: Config) -> dict:
   """Reviews, embeddings (cached) and the task splits; raises UsageError on missing data."""
-  try:
+  with common.packaged_data():
     reviews = rotten_tomatoes.load_reviews()
     model = minilm.load_minilm()
-  except FileNotFoundError as e:
-    # No flag's fault: the packaged data is missing (the loaders name the install script).
-    raise common.UsageError(f"data not installed: {e}") from e
   if cfg.max_rows:
     reviews = rotten_tomatoes.Reviews(texts=reviews.texts[:cfg.max_rows],
                                       fresh=reviews.fresh[:cfg.max_rows],

@@ -226,21 +226,16 @@ def load_model_and_windows(setup: SetupConfig
   Raises:
     common.UsageError: naming --model_path when the model or the text is not installed.
   """
-  try:
-    with common.blame("model_path"):  # missing, not a GGUF file, not a Llama
-      ckpt = gguf_loader.load_llama_gguf(setup.model_path or None)
-  except ImportError as e:  # the gguf reader is not installed (the message names the script)
-    raise common.UsageError(f"data not installed: {e}") from None
+  # The gguf reader missing is the data's; a missing, non-GGUF or non-Llama file the flag's.
+  with common.packaged_data(), common.blame("model_path"):
+    ckpt = gguf_loader.load_llama_gguf(setup.model_path or None)
   check_context(ckpt, calib_window=setup.calib_window, eval_window=setup.eval_window)
-  try:
+  # A window longer than the text is the flags'; the text missing is the data's.
+  with common.packaged_data(), common.blame("calib_window / --eval_window", ValueError):
     calib, held_out = austen.calibration_and_eval_windows(
         lambda s: ckpt.tokenizer.encode(s).ids, calib_windows=setup.calib_windows,
         calib_window=setup.calib_window, eval_window=setup.eval_window,
         eval_windows=setup.eval_windows or None, seed=setup.seed)
-  except FileNotFoundError as e:
-    raise common.UsageError(f"data not installed: {e}") from None
-  except ValueError as e:  # a window longer than the text
-    raise common.UsageError(f"--calib_window / --eval_window: {e}") from None
   return ckpt._replace(params=jax.device_put(ckpt.params)), calib, held_out
 
 
