@@ -79,7 +79,7 @@ REAL_DATA_SPLITS = ("random", "feature", "overlap", "block")
 ARMS = ("dense",) + REAL_DATA_SPLITS + ("dropconnect",)  # the real-data binaries' arms
 # --arms' default: every arm but `block` (added later; a default that grew would make runs
 # started before it refuse to resume, their flags.txt listing the old default).
-DEFAULT_ARMS = ("dense", "random", "feature", "overlap", "dropconnect")
+DEFAULT_ARMS = tuple(arm for arm in ARMS if arm != "block")
 
 
 # --------------------------------------------------------------------------- config
