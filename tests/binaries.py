@@ -36,12 +36,16 @@ def assert_refused(result, flag: str, workdir) -> None:
 # Runs a binary (argv[1], a module) with `fpe_jax.checkpoint.Checkpoints.save` wrapped:
 # the first save of a phase that has no checkpoint yet, and was not killed before (the
 # phases in $KILL_LOG), arms a SIGKILL of the whole process a random 0..$KILL_WINDOW_S
-# seconds later, so the kill lands inside that save or just after it.
+# seconds later, so the kill lands inside that save or just after it. A save that comes
+# while a kill is armed waits for it, so each run kills exactly one phase: one logged.
 _KILL_IN_FIRST_SAVE = """
 import os, random, runpy, signal, sys, threading
 from fpe_jax import checkpoint
 real_save = checkpoint.Checkpoints.save
+armed = threading.Event()
 def save(self, step, tree):
+  if armed.is_set():
+    threading.Event().wait()
   phase = str(self._manager.directory)
   with open(os.environ["KILL_LOG"], "a+") as f:
     f.seek(0)
@@ -50,6 +54,7 @@ def save(self, step, tree):
       f.write(phase + "\\n")
   if fresh:
     delay = random.Random(phase).uniform(0, float(os.environ["KILL_WINDOW_S"]))
+    armed.set()
     threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
   return real_save(self, step, tree)
 checkpoint.Checkpoints.save = save

@@ -91,7 +91,7 @@ def test_killed_in_the_first_save_of_every_phase_resumes_to_the_same_results(tmp
   run = killed_dir / "boolean" / "tiny"
   # Every phase (warm-up, dense, the FPE arms) was killed in its first save, and resumed.
   assert sorted(os.path.basename(p) for p in phases) == sorted(
-      os.listdir(run / "checkpoints")) and len(phases) >= 3 and killed >= 3
+      os.listdir(run / "checkpoints")) and killed == len(phases) >= 3
   assert _results_without_flags(killed_dir, "tiny") == _results_without_flags(clean_dir, "tiny")
   steps = log_keys(run / "metrics.jsonl", "phase", "step")
   assert len(steps) == len(set(steps)) == len(log_keys(
