@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Installs the compile-only accelerator compilers that tests/test_kernels_compile.py runs
 # on a CPU-only machine (../shared/docs/hardware.md), each the one of the installed jax,
-# under $FPE_JAX_COMPILERS (default ~/.cache/fpe_jax/compilers):
+# under $FPE_JAX_COMPILERS/jax-<version> (default ~/.cache/fpe_jax/compilers), so that
+# environments with different jax versions (3.11 + jax 0.10, 3.12 + jax 0.12) each have
+# their own:
 #   libtpu/  libtpu, the version jax's `tpu` extra pins (about 700 MB);
-#   cuda12/  jax-cuda12-plugin and jax-cuda12-pjrt of jax's version (about 480 MB; XLA:GPU
-#            with Triton, enough to compile for an H200 without CUDA or a GPU).
+#   cuda/    jax-cuda13-plugin and jax-cuda13-pjrt of jax's version (about 500 MB; XLA:GPU
+#            with Triton and Mosaic GPU, enough to compile for an H200 without CUDA or a
+#            GPU; CUDA 13 is what the GPU hosts run).
 # Each goes into its own folder, not the Python environment: an importable libtpu or CUDA
 # plugin makes every CPU-only `import jax` probe for devices and print warnings. The tests
-# point TPU_LIBRARY_PATH at libtpu and put cuda12/ on a subprocess's PYTHONPATH.
-# Idempotent.
+# point TPU_LIBRARY_PATH at libtpu and put cuda/ on a subprocess's PYTHONPATH.
+# Idempotent. PYTHON names the environment's interpreter (default python3).
 set -euo pipefail
 
-ROOT="${FPE_JAX_COMPILERS:-$HOME/.cache/fpe_jax/compilers}"
 PY="${PYTHON:-python3}"
 
 LIBTPU="$("$PY" - <<'PY'
@@ -22,6 +24,7 @@ print(pins[0] if pins else "")
 PY
 )"
 JAX_VERSION="$("$PY" -c 'import importlib.metadata as m; print(m.version("jax"))')"
+ROOT="${FPE_JAX_COMPILERS:-$HOME/.cache/fpe_jax/compilers}/jax-$JAX_VERSION"
 if [ -z "$LIBTPU" ]; then
   echo "[install_compilers] the installed jax $JAX_VERSION pins no libtpu (its tpu extra)" >&2
   exit 1
@@ -43,5 +46,5 @@ install() {
 }
 
 install libtpu "$LIBTPU"
-install cuda12 "jax-cuda12-plugin==$JAX_VERSION" "jax-cuda12-pjrt==$JAX_VERSION"
+install cuda "jax-cuda13-plugin==$JAX_VERSION" "jax-cuda13-pjrt==$JAX_VERSION"
 echo "[install_compilers] done"

@@ -1,8 +1,8 @@
 """Compiles every case of tests/test_kernels_compile.py for an NVIDIA H200, deviceless.
 
-  PYTHONPATH=<repo>:<compilers>/cuda12 JAX_PLATFORMS=cpu python tests/compile_for_h200.py
+  PYTHONPATH=<repo>:<compilers>/jax-<version>/cuda JAX_PLATFORMS=cpu python tests/compile_for_h200.py
 
-A separate process because XLA:GPU comes from the jax-cuda12 plugin, which jax discovers
+A separate process because XLA:GPU comes from the jax-cuda13 plugin, which jax discovers
 when it starts (scripts/install_compilers.sh keeps it out of the test environment). The
 H200 is a compile-only device made from tests/data/h200_target_config.txtpb. Prints one
 JSON list: per (case, dtype), the Triton custom calls in the compiled forward and

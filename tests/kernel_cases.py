@@ -3,6 +3,8 @@ tests/test_kernels_compile.py, tests/compile_for_h200.py): both ops at the defau
 128x128 blocks, on a small square, kernels_pallas.bench's 1024x4096x4096 and SmolLM2's
 8-expert 576x1536."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,3 +47,18 @@ CASES = {
 def grad_of_sum(fn):
   """(dx, dw) of sum(fn(x, w)): the input- and weight-gradient kernels."""
   return jax.grad(lambda x, w: fn(x, w).astype(jnp.float32).sum(), argnums=(0, 1))
+
+
+def targeting_gpu(platform: str, device_kind: str = "NVIDIA H200",
+                  num_cores: int | None = 132):
+  """The context to trace and lower in for `platform`. From jax 0.11, Pallas Triton takes
+  the target GPU from the default device or, when that is a CPU (a deviceless compile),
+  from the abstract mesh's device, so a CUDA lowering must name one; others need none.
+  `platform`: a lowering platform, or a (compile-only) device's platform ("gpu")."""
+  if platform not in ("cuda", "gpu"):
+    return contextlib.nullcontext()
+  gpu = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=num_cores,
+                                    platform="cuda")
+  return jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ("device",), axis_types=(jax.sharding.AxisType.Auto,),
+                                abstract_device=gpu))

@@ -6,7 +6,7 @@ gives compile-only TPU devices, and `jax.jit(f).trace(args on such a device).low
 checks that interpret mode never sees (../shared/docs/hardware.md). The compiler is the
 libtpu of the installed jax, put in its own folder by `bash scripts/install_compilers.sh`
 (part of the README's test command); without it these tests fail, they do not skip.
-For an H200 the compiler is XLA:GPU with Triton from the jax-cuda12 plugin (the same
+For an H200 the compiler is XLA:GPU with Triton from the jax-cuda13 plugin (the same
 script), in a subprocess (tests/compile_for_h200.py) on a compile-only device described by
 tests/data/h200_target_config.txtpb.
 """
@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
-from kernel_cases import CASES, grad_of_sum
+from kernel_cases import CASES, grad_of_sum, targeting_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPILERS = os.environ.get("FPE_JAX_COMPILERS",
-                           os.path.expanduser("~/.cache/fpe_jax/compilers"))
+COMPILERS = os.path.join(os.environ.get("FPE_JAX_COMPILERS",
+                                        os.path.expanduser("~/.cache/fpe_jax/compilers")),
+                         f"jax-{jax.__version__}")
 LIBTPU = os.path.join(COMPILERS, "libtpu", "libtpu", "libtpu.so")
 TPU_ENVIRONMENT = {
     "TPU_LIBRARY_PATH": LIBTPU,  # read when the TPU plugin loads (the first topology)
@@ -59,8 +60,13 @@ def compiled_kernel_calls(case, dtype, device, custom_call: str) -> dict:
   fn = op("pallas")
   args = [jax.ShapeDtypeStruct(s, dtype, sharding=SingleDeviceSharding(device))
           for s in shapes]
-  return {part: jax.jit(f).trace(*args).lower().compile().as_text().count(custom_call)
-          for part, f in (("forward", fn), ("backward", grad_of_sum(fn)))}
+  calls = {}
+  for part, f in (("forward", fn), ("backward", grad_of_sum(fn))):
+    with targeting_gpu(device.platform, device.device_kind,
+                       getattr(device, "core_count", None)):
+      lowered = jax.jit(f).trace(*args).lower()
+    calls[part] = lowered.compile().as_text().count(custom_call)
+  return calls
 
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
@@ -74,9 +80,9 @@ def test_forward_and_gradients_compile_to_mosaic_kernels(tpu, case, dtype):
 @pytest.fixture(scope="module")
 def h200():
   """{(case, dtype): compile record} of tests/compile_for_h200.py, run once."""
-  plugin = os.path.join(COMPILERS, "cuda12")
+  plugin = os.path.join(COMPILERS, "cuda")
   assert os.path.isdir(os.path.join(plugin, "jax_plugins")), (
-      f"no jax-cuda12 plugin in {plugin}: run `bash scripts/install_compilers.sh`")
+      f"no jax-cuda13 plugin in {plugin}: run `bash scripts/install_compilers.sh`")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, plugin]))
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "compile_for_h200.py")],

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_cases import CASES, grad_of_sum
+from kernel_cases import CASES, grad_of_sum, targeting_gpu
 
 from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
 
@@ -23,7 +23,8 @@ CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 def _lowered(fn, shapes, dtype, platform):
   args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  with targeting_gpu(platform):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
