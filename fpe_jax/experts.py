@@ -339,7 +339,9 @@ def apply_experts(
   x2 = x.reshape(-1, x.shape[-1])
   ids2 = ids.reshape(-1).astype(jnp.int32)
   if implementation == "pallas":
-    y = expert_matmul(x2, ids2, w, block_mask, implementation="pallas")
+    # premasked: w is zero off-mask (as every path here assumes), so the kernel skips the
+    # element-mask multiply in its inner loop.
+    y = expert_matmul(x2, ids2, w, block_mask, implementation="pallas", premasked=True)
     return y.reshape(*lead, w.shape[-1])
   if xla_strategy is None:
     xla_strategy = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"

@@ -41,14 +41,20 @@ class KernelConfig(NamedTuple):
       implementations.PALLAS_BACKENDS.
     interpret: run through the Pallas interpreter (CPU).
     block_m: cap on the rows per tile (shrunk for fewer rows).
+    premasked: the weights are already zero off the mask, so the forward and
+      input-gradient kernels skip the element-mask multiply (and its load) in their inner
+      loop. The weight gradient is masked either way, so weights that start zero off the
+      mask stay so under any optimizer that maps a zero gradient to a zero update.
   """
 
   backend: str
   interpret: bool
   block_m: int
+  premasked: bool = False
 
 
-def kernel_config(backend: str | None = None, block_m: int = DEFAULT_BLOCK_M) -> KernelConfig:
+def kernel_config(backend: str | None = None, block_m: int = DEFAULT_BLOCK_M, *,
+                  premasked: bool = False) -> KernelConfig:
   """A kernel config for the running platform, chosen when the call is traced.
 
   TPU runs the Mosaic kernel and GPU the Triton one; CPU interprets the TPU kernel (or
@@ -60,6 +66,7 @@ def kernel_config(backend: str | None = None, block_m: int = DEFAULT_BLOCK_M) ->
     backend: None for the platform's kernel, or one of PALLAS_BACKENDS to force one
       (on a TPU or GPU it must be the native one).
     block_m: positive row tile cap.
+    premasked: see KernelConfig.
 
   Returns:
     A KernelConfig.
@@ -77,11 +84,12 @@ def kernel_config(backend: str | None = None, block_m: int = DEFAULT_BLOCK_M) ->
   if native is not None and backend not in (None, native):
     raise ValueError(f"backend={backend!r} cannot run on platform {platform!r}; leave "
                      "backend=None for the platform's kernel")
-  return KernelConfig(backend=backend or native or "tpu", interpret=interpret, block_m=block_m)
+  return KernelConfig(backend=backend or native or "tpu", interpret=interpret, block_m=block_m,
+                      premasked=premasked)
 
 
 def on_lowering_platform(kernel: Callable[[KernelConfig], Callable], xla: Callable | None,
-                         *args, block_m: int = DEFAULT_BLOCK_M):
+                         *args, block_m: int = DEFAULT_BLOCK_M, premasked: bool = False):
   """`kernel(cfg)(*args)` with the kernel of the platform this computation is lowered for.
 
   TPU gets the Mosaic kernel and CUDA / ROCm the Triton one; CPU (and any other platform)
@@ -96,14 +104,15 @@ def on_lowering_platform(kernel: Callable[[KernelConfig], Callable], xla: Callab
     xla: the XLA function of `args` for CPU, or None to interpret the kernel there.
     *args: the arrays (and pytrees of arrays) every branch takes.
     block_m: positive row tile cap of every kernel config.
+    premasked: see KernelConfig.
   """
   if not isinstance(block_m, int) or block_m < 1:
     raise ValueError(f"block_m must be a positive int, got {block_m!r}")
-  triton = kernel(KernelConfig(backend="gpu", interpret=False, block_m=block_m))
-  off_accelerator = xla or kernel(KernelConfig(backend="tpu", interpret=True, block_m=block_m))
-  return jax.lax.platform_dependent(
-      *args, tpu=kernel(KernelConfig(backend="tpu", interpret=False, block_m=block_m)),
-      cuda=triton, rocm=triton, default=off_accelerator)
+  config = lambda backend, interpret: KernelConfig(backend, interpret, block_m, premasked)  # noqa: E731
+  triton = kernel(config("gpu", False))
+  off_accelerator = xla or kernel(config("tpu", True))
+  return jax.lax.platform_dependent(*args, tpu=kernel(config("tpu", False)), cuda=triton,
+                                    rocm=triton, default=off_accelerator)
 
 
 def padded_dims(meta: BlockMetadata, k: int, n: int) -> tuple[int, int]:
@@ -164,7 +173,8 @@ def forward(cfg: KernelConfig, x_rows: Annotated[jax.Array, "r kp"],
   """
   return _BACKENDS[cfg.backend].forward(
       x_rows, w, _flat(meta.col_block_rows), _flat(meta.col_block_slots),
-      _flat(meta.col_block_counts), meta.block_masks, layout, bm=bm, interpret=cfg.interpret)
+      _flat(meta.col_block_counts), meta.block_masks, layout, bm=bm, premasked=cfg.premasked,
+      interpret=cfg.interpret)
 
 
 def input_grad(cfg: KernelConfig, dy_rows: Annotated[jax.Array, "r np"],
@@ -173,7 +183,8 @@ def input_grad(cfg: KernelConfig, dy_rows: Annotated[jax.Array, "r np"],
   """Per tile, `dy_rows @ (w[g] * mask[g]).T`: [R, Np] -> [R, Kp]; arguments as `forward`."""
   return _BACKENDS[cfg.backend].input_grad(
       dy_rows, w, _flat(meta.row_block_cols), _flat(meta.row_block_slots),
-      _flat(meta.row_block_counts), meta.block_masks, layout, bm=bm, interpret=cfg.interpret)
+      _flat(meta.row_block_counts), meta.block_masks, layout, bm=bm, premasked=cfg.premasked,
+      interpret=cfg.interpret)
 
 
 def weight_grad(cfg: KernelConfig, x_rows: Annotated[jax.Array, "r kp"],

@@ -68,8 +68,14 @@ def _whole():
   return pl.BlockSpec()
 
 
+def _masks(block_masks, premasked: bool) -> tuple:
+  """The mask operands of a forward or input-gradient kernel: none when the weights are
+  premasked (then the inner loop has no element multiply, and no mask load)."""
+  return () if premasked else (block_masks,)
+
+
 def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
-            bm: int, interpret: bool = False):
+            bm: int, premasked: bool = False, interpret: bool = False):
   """See kernel_tpu.forward; grid (tiles, Nb), one program per output block."""
   r, _ = x_rows.shape
   num_groups, _, np_ = w.shape
@@ -77,7 +83,10 @@ def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
   nb = np_ // bn
   max_col = col_rows.shape[0] // (num_groups * nb)
 
-  def kernel(tg_ref, na_ref, rows_ref, slots_ref, counts_ref, x_ref, w_ref, m_ref, o_ref):
+  masks = _masks(block_masks, premasked)
+
+  def kernel(tg_ref, na_ref, rows_ref, slots_ref, counts_ref, x_ref, w_ref, *m_and_o):
+    *m_ref, o_ref = m_and_o
     i, j = pl.program_id(0), pl.program_id(1)
     g = tg_ref[i]
     col = g * nb + j
@@ -90,9 +99,9 @@ def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
       k0 = pl.multiple_of(k * bk, bk)
       x_blk = x_ref[pl.ds(row0, bm), pl.ds(k0, bk)]
       w_blk = w_ref[g, pl.ds(k0, bk), pl.ds(col0, bn)]
-      m_blk = m_ref[g, slots_ref[col * max_col + t]]
-      return acc + jnp.dot(x_blk, w_blk * m_blk.astype(w_blk.dtype),
-                           preferred_element_type=jnp.float32)
+      if m_ref:
+        w_blk = w_blk * m_ref[0][g, slots_ref[col * max_col + t]].astype(w_blk.dtype)
+      return acc + jnp.dot(x_blk, w_blk, preferred_element_type=jnp.float32)
 
     acc = lax.fori_loop(0, count, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -101,16 +110,16 @@ def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
       kernel,
       out_shape=jax.ShapeDtypeStruct((r, np_), x_rows.dtype),
       grid=(r // bm, nb),
-      in_specs=[_whole()] * 8,
+      in_specs=[_whole()] * (7 + len(masks)),
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       compiler_params=_compiler_params(bm, bn),
       interpret=interpret,
       name="block_sparse_forward_gpu",
-  )(layout.tile_group, layout.num_active, col_rows, col_slots, col_counts, x_rows, w, block_masks)
+  )(layout.tile_group, layout.num_active, col_rows, col_slots, col_counts, x_rows, w, *masks)
 
 
 def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout, *,
-               bm: int, interpret: bool = False):
+               bm: int, premasked: bool = False, interpret: bool = False):
   """See kernel_tpu.input_grad; grid (tiles, Kb)."""
   r, _ = dy_rows.shape
   num_groups, kp, _ = w.shape
@@ -118,7 +127,10 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
   kb = kp // bk
   max_row = row_cols.shape[0] // (num_groups * kb)
 
-  def kernel(tg_ref, na_ref, cols_ref, slots_ref, counts_ref, dy_ref, w_ref, m_ref, o_ref):
+  masks = _masks(block_masks, premasked)
+
+  def kernel(tg_ref, na_ref, cols_ref, slots_ref, counts_ref, dy_ref, w_ref, *m_and_o):
+    *m_ref, o_ref = m_and_o
     i, k = pl.program_id(0), pl.program_id(1)
     g = tg_ref[i]
     row = g * kb + k
@@ -131,9 +143,9 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
       n0 = pl.multiple_of(n * bn, bn)
       dy_blk = dy_ref[pl.ds(row0, bm), pl.ds(n0, bn)]
       w_blk = w_ref[g, pl.ds(k0, bk), pl.ds(n0, bn)]
-      m_blk = m_ref[g, slots_ref[row * max_row + t]]
-      return acc + lax.dot_general(dy_blk, w_blk * m_blk.astype(w_blk.dtype), _NT,
-                                   preferred_element_type=jnp.float32)
+      if m_ref:
+        w_blk = w_blk * m_ref[0][g, slots_ref[row * max_row + t]].astype(w_blk.dtype)
+      return acc + lax.dot_general(dy_blk, w_blk, _NT, preferred_element_type=jnp.float32)
 
     acc = lax.fori_loop(0, count, body, jnp.zeros((bm, bk), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
@@ -142,12 +154,12 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
       kernel,
       out_shape=jax.ShapeDtypeStruct((r, kp), dy_rows.dtype),
       grid=(r // bm, kb),
-      in_specs=[_whole()] * 8,
+      in_specs=[_whole()] * (7 + len(masks)),
       out_specs=pl.BlockSpec((bm, bk), lambda i, k: (i, k)),
       compiler_params=_compiler_params(bm, bk),
       interpret=interpret,
       name="block_sparse_input_grad_gpu",
-  )(layout.tile_group, layout.num_active, row_cols, row_slots, row_counts, dy_rows, w, block_masks)
+  )(layout.tile_group, layout.num_active, row_cols, row_slots, row_counts, dy_rows, w, *masks)
 
 
 def weight_grad(x_rows, dy_rows, block_slots, block_masks, layout, *, num_groups: int,

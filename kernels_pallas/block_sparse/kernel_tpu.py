@@ -61,12 +61,24 @@ def check_scalar_memory(meta, tiles: int) -> None:
           "experts) per call, or split the layer")
 
 
+def _masked(w_ref, m_ref: list):
+  """The weight block, times its mask block unless there is none (premasked weights)."""
+  w_blk = w_ref[...]
+  return w_blk * m_ref[0][...].astype(w_blk.dtype) if m_ref else w_blk
+
+
 def _compiler_params():
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
+def _masks(block_masks, premasked: bool, mask_spec) -> tuple[tuple, list]:
+  """The mask operands and their BlockSpecs of a forward or input-gradient kernel: none
+  when the weights are premasked (then no mask block is copied or multiplied)."""
+  return ((), []) if premasked else ((block_masks,), [mask_spec])
+
+
 def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
-            bm: int, interpret: bool = False):
+            bm: int, premasked: bool = False, interpret: bool = False):
   """y_rows = per-tile x_rows @ (w[g] * mask[g]).
 
   Args:
@@ -77,6 +89,7 @@ def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
     block_masks: [G, S, bk, bn] int8.
     layout: a `layout.RowLayout` (tile_group, num_active, ...).
     bm: rows per tile.
+    premasked: w is already zero off the mask: skip the element-mask multiply.
     interpret: run on CPU through the Pallas interpreter.
 
   Returns:
@@ -104,7 +117,11 @@ def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
   def o_map(i, j, t, tg, na, rows, slots, counts):
     return i, j
 
-  def kernel(tg, na, rows, slots, counts, x_ref, w_ref, m_ref, o_ref, acc_ref):
+  sq = pl.squeezed
+  masks, mask_specs = _masks(block_masks, premasked, pl.BlockSpec((sq, sq, bk, bn), m_map))
+
+  def kernel(tg, na, rows, slots, counts, x_ref, w_ref, *rest):
+    *m_ref, o_ref, acc_ref = rest
     i, j, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     count = jnp.where(i < na[0], counts[tg[i] * nb + j], 0)
 
@@ -114,20 +131,19 @@ def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
 
     @pl.when(t < count)
     def _():
-      w_blk = w_ref[...]
-      acc_ref[...] += jnp.dot(x_ref[...], w_blk * m_ref[...].astype(w_blk.dtype),
+      acc_ref[...] += jnp.dot(x_ref[...], _masked(w_ref, m_ref),
                               preferred_element_type=jnp.float32)
 
     @pl.when(t == pl.num_programs(2) - 1)
     def _():
       o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
-  sq = pl.squeezed
   nnz_upper = int(col_rows.shape[0])
   cost = pl.CostEstimate(
       flops=2 * r * bk * bn * nnz_upper // w.shape[0],
       bytes_accessed=(x_rows.size * x_rows.dtype.itemsize * nb
-                      + nnz_upper * bk * bn * (w.dtype.itemsize + 1) * tiles // w.shape[0]
+                      + nnz_upper * bk * bn * (w.dtype.itemsize + len(masks)) * tiles
+                      // w.shape[0]
                       + r * np_ * x_rows.dtype.itemsize),
       transcendentals=0)
   return pl.pallas_call(
@@ -137,19 +153,18 @@ def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
           num_scalar_prefetch=5,
           grid=(tiles, nb, max_col),
           in_specs=[pl.BlockSpec((bm, bk), x_map),
-                    pl.BlockSpec((sq, bk, bn), w_map),
-                    pl.BlockSpec((sq, sq, bk, bn), m_map)],
+                    pl.BlockSpec((sq, bk, bn), w_map), *mask_specs],
           out_specs=pl.BlockSpec((bm, bn), o_map),
           scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)]),
       compiler_params=_compiler_params(),
       cost_estimate=cost,
       interpret=interpret,
       name="block_sparse_forward",
-  )(layout.tile_group, layout.num_active, col_rows, col_slots, col_counts, x_rows, w, block_masks)
+  )(layout.tile_group, layout.num_active, col_rows, col_slots, col_counts, x_rows, w, *masks)
 
 
 def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout, *,
-               bm: int, interpret: bool = False):
+               bm: int, premasked: bool = False, interpret: bool = False):
   """dx_rows = per-tile dy_rows @ (w[g] * mask[g]).T, skipping empty blocks.
 
   Args:
@@ -157,7 +172,7 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
     w: [G, Kp, Np].
     row_cols, row_slots: [G * Kb * max_row] int32.
     row_counts: [G * Kb] int32.
-    block_masks, layout, bm, interpret: as in `forward`.
+    block_masks, layout, bm, premasked, interpret: as in `forward`.
 
   Returns:
     [R, Kp] in dy_rows' dtype.
@@ -184,7 +199,11 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
   def o_map(i, k, t, tg, na, cols, slots, counts):
     return i, k
 
-  def kernel(tg, na, cols, slots, counts, dy_ref, w_ref, m_ref, o_ref, acc_ref):
+  sq = pl.squeezed
+  masks, mask_specs = _masks(block_masks, premasked, pl.BlockSpec((sq, sq, bk, bn), m_map))
+
+  def kernel(tg, na, cols, slots, counts, dy_ref, w_ref, *rest):
+    *m_ref, o_ref, acc_ref = rest
     i, k, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     count = jnp.where(i < na[0], counts[tg[i] * kb + k], 0)
 
@@ -194,15 +213,13 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
 
     @pl.when(t < count)
     def _():
-      w_blk = w_ref[...]
-      acc_ref[...] += lax.dot_general(dy_ref[...], w_blk * m_ref[...].astype(w_blk.dtype), _NT,
+      acc_ref[...] += lax.dot_general(dy_ref[...], _masked(w_ref, m_ref), _NT,
                                       preferred_element_type=jnp.float32)
 
     @pl.when(t == pl.num_programs(2) - 1)
     def _():
       o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
-  sq = pl.squeezed
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((r, kp), dy_rows.dtype),
@@ -210,14 +227,13 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
           num_scalar_prefetch=5,
           grid=(tiles, kb, max_row),
           in_specs=[pl.BlockSpec((bm, bn), dy_map),
-                    pl.BlockSpec((sq, bk, bn), w_map),
-                    pl.BlockSpec((sq, sq, bk, bn), m_map)],
+                    pl.BlockSpec((sq, bk, bn), w_map), *mask_specs],
           out_specs=pl.BlockSpec((bm, bk), o_map),
           scratch_shapes=[pltpu.VMEM((bm, bk), jnp.float32)]),
       compiler_params=_compiler_params(),
       interpret=interpret,
       name="block_sparse_input_grad",
-  )(layout.tile_group, layout.num_active, row_cols, row_slots, row_counts, dy_rows, w, block_masks)
+  )(layout.tile_group, layout.num_active, row_cols, row_slots, row_counts, dy_rows, w, *masks)
 
 
 def weight_grad(x_rows, dy_rows, block_slots, block_masks, layout, *, num_groups: int,

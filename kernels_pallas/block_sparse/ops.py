@@ -182,6 +182,7 @@ def block_sparse_matmul(
     implementation: implementations.Implementation = "auto",
     backend: implementations.PallasBackend | None = None,
     block_m: int = DEFAULT_BLOCK_M,
+    premasked: bool = False,
 ) -> Annotated[jax.Array, "*batch n"]:
   """`x @ (w * mask.dense)` without loading or multiplying the mask's empty blocks.
 
@@ -195,6 +196,10 @@ def block_sparse_matmul(
     backend: with "pallas", force the "tpu" or "gpu" kernel (interpreted on CPU); None
       is the platform's.
     block_m: row tile cap (shrunk for small batches).
+    premasked: promise that w is already zero off the mask (pruned weights; weights
+      initialised masked and trained through this op, whose weight gradient is zero off
+      the mask): the kernels then skip the element-mask multiply in their inner loop. A
+      w that breaks the promise gives x @ w over the mask's non-empty blocks.
 
   Returns:
     [..., N] in the promoted dtype. Differentiable in x and w (custom VJP), jit- and
@@ -224,8 +229,8 @@ def block_sparse_matmul(
     return masked_matmul_reference(x, w, mask.dense).astype(dtype).reshape(1, -1, n)
 
   if backend is not None:  # a forced kernel, chosen when traced (interpreted on CPU)
-    y = kernel(grouped.kernel_config(backend, block_m))(x3, w3, meta)
+    y = kernel(grouped.kernel_config(backend, block_m, premasked=premasked))(x3, w3, meta)
   else:
     y = grouped.on_lowering_platform(kernel, xla if implementation == "auto" else None,
-                                     x3, w3, meta, block_m=block_m)
+                                     x3, w3, meta, block_m=block_m, premasked=premasked)
   return y.reshape(x.shape[:-1] + (n,))

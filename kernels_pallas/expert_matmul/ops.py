@@ -77,6 +77,7 @@ def expert_matmul(
     implementation: implementations.Implementation = "auto",
     backend: implementations.PallasBackend | None = None,
     block_m: int = grouped.DEFAULT_BLOCK_M,
+    premasked: bool = False,
 ) -> Annotated[jax.Array, "t n"]:
   """y[t] = x[t] @ (w[e_t] * mask[e_t]) with each expert's empty blocks skipped.
 
@@ -89,6 +90,8 @@ def expert_matmul(
     implementation: one of kernels_pallas.implementations.IMPLEMENTATIONS.
     backend: with "pallas", force the "tpu" or "gpu" kernel (interpreted on CPU).
     block_m: row tile cap (shrunk for few tokens).
+    premasked: promise that w is already zero off the masks (as pruned experts are):
+      the kernels skip the element-mask multiply, as in `block_sparse_matmul`.
 
   Returns:
     [T, N] in the promoted dtype; differentiable in x and w.
@@ -126,6 +129,6 @@ def expert_matmul(
 
   args = (x, expert_ids, w, expert_masks.blocks)
   if backend is not None:  # a forced kernel, chosen when traced (interpreted on CPU)
-    return kernel(grouped.kernel_config(backend, block_m))(*args)
+    return kernel(grouped.kernel_config(backend, block_m, premasked=premasked))(*args)
   return grouped.on_lowering_platform(kernel, xla if implementation == "auto" else None,
-                                      *args, block_m=block_m)
+                                      *args, block_m=block_m, premasked=premasked)
