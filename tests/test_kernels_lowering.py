@@ -10,11 +10,13 @@ backend compilers (libtpu's Mosaic, XLA:GPU's Triton), which need the compile-on
 (../shared/docs/hardware.md).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_cases import CASES, grad_of_sum, targeting_gpu
+from kernel_cases import CASES, block_mask, grad_of_sum, targeting_gpu
 
 from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
 
@@ -102,3 +104,23 @@ def test_operands_beyond_triton_32_bit_offsets_are_named():
     kernel_gpu.check_operand_sizes(rows=2**19, groups=1, kp=4096, np_=128)
   with pytest.raises(ValueError, match=r"weights hold 2,147,483,648 elements"):
     kernel_gpu.check_operand_sizes(rows=128, groups=128, kp=4096, np_=4096)
+
+
+def test_every_tpu_kernel_carries_the_cost_estimate_of_its_longest_block_loop():
+  """Each Mosaic custom call holds a cost estimate (Triton drops them): the forward's
+  flops are 2 * rows * bk * bn times the column blocks times the longest column list,
+  counted here from the mask, and no kernel's exceed the dense product's."""
+  rows, k, n = 256, 512, 384
+  mask = block_mask(k, n, 0.5)
+  bsm = BlockSparseMask.from_mask(mask)
+  fn = lambda x, w: block_sparse_matmul(x, w, bsm, implementation="pallas")  # noqa: E731
+  blocks = mask[::128, ::128] > 0  # [Kb, Nb]
+  forward = _lowered(fn, ((rows, k), (k, n)), jnp.float32, "tpu")
+  grads = _lowered(grad_of_sum(fn), ((rows, k), (k, n)), jnp.float32, "tpu")
+
+  def flops(text):
+    return [int(f) for f in re.findall(r"\\22flops\\22:(\d+)", text)]
+
+  assert flops(forward) == [2 * rows * 128 * 128 * blocks.shape[1] * blocks.sum(0).max()]
+  assert len(flops(grads)) == grads.count("tpu_custom_call") == 2
+  assert all(0 < f <= 2 * rows * k * n for f in flops(forward) + flops(grads))

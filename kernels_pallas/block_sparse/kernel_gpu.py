@@ -17,6 +17,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas.block_sparse.cost import block_loop
+
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
@@ -106,6 +108,10 @@ def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
     acc = lax.fori_loop(0, count, body, jnp.zeros((bm, bn), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
+  itemsize = x_rows.dtype.itemsize
+  cost = block_loop(steps=r // bm * nb * max_col, bm=bm, bk=bk, bn=bn,
+                    loaded=bm * bk + bk * bn, itemsize=itemsize,
+                    mask_bytes=len(masks) * bk * bn, out_bytes=r * np_ * itemsize)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((r, np_), x_rows.dtype),
@@ -113,6 +119,7 @@ def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
       in_specs=[_whole()] * (7 + len(masks)),
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       compiler_params=_compiler_params(bm, bn),
+      cost_estimate=cost,
       interpret=interpret,
       name="block_sparse_forward_gpu",
   )(layout.tile_group, layout.num_active, col_rows, col_slots, col_counts, x_rows, w, *masks)
@@ -150,6 +157,10 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
     acc = lax.fori_loop(0, count, body, jnp.zeros((bm, bk), jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
+  itemsize = dy_rows.dtype.itemsize
+  cost = block_loop(steps=r // bm * kb * max_row, bm=bm, bk=bk, bn=bn,
+                    loaded=bm * bn + bk * bn, itemsize=itemsize,
+                    mask_bytes=len(masks) * bk * bn, out_bytes=r * kp * itemsize)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((r, kp), dy_rows.dtype),
@@ -157,6 +168,7 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
       in_specs=[_whole()] * (7 + len(masks)),
       out_specs=pl.BlockSpec((bm, bk), lambda i, k: (i, k)),
       compiler_params=_compiler_params(bm, bk),
+      cost_estimate=cost,
       interpret=interpret,
       name="block_sparse_input_grad_gpu",
   )(layout.tile_group, layout.num_active, row_cols, row_slots, row_counts, dy_rows, w, *masks)
@@ -200,6 +212,9 @@ def weight_grad(x_rows, dy_rows, block_slots, block_masks, layout, *, num_groups
     m_blk = m_ref[g, jnp.maximum(slot, 0)]
     o_ref[...] = (acc * m_blk.astype(jnp.float32)).astype(o_ref.dtype)
 
+  cost = block_loop(steps=kb * nb * (x_rows.shape[0] // bm), bm=bm, bk=bk, bn=bn,
+                    loaded=bm * (bk + bn), itemsize=x_rows.dtype.itemsize, mask_bytes=0,
+                    out_bytes=num_groups * kp * np_ * (jnp.dtype(out_dtype).itemsize + 1))
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype),
@@ -208,6 +223,7 @@ def weight_grad(x_rows, dy_rows, block_slots, block_masks, layout, *, num_groups
       out_specs=pl.BlockSpec((pl.squeezed, bk, bn), lambda g, k, n: (g, k, n)),
       compiler_params=_compiler_params(
           bk, bn, loop_bytes=bm * (bk + bn) * jnp.dtype(x_rows.dtype).itemsize),
+      cost_estimate=cost,
       interpret=interpret,
       name="block_sparse_weight_grad_gpu",
   )(block_slots, layout.group_tile_start, layout.group_tile_count, x_rows, dy_rows, block_masks)

@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas.block_sparse.cost import block_loop
+
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims of both operands: a @ b.T
 
 
@@ -138,14 +140,10 @@ def forward(x_rows, w, col_rows, col_slots, col_counts, block_masks, layout, *,
     def _():
       o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
-  nnz_upper = int(col_rows.shape[0])
-  cost = pl.CostEstimate(
-      flops=2 * r * bk * bn * nnz_upper // w.shape[0],
-      bytes_accessed=(x_rows.size * x_rows.dtype.itemsize * nb
-                      + nnz_upper * bk * bn * (w.dtype.itemsize + len(masks)) * tiles
-                      // w.shape[0]
-                      + r * np_ * x_rows.dtype.itemsize),
-      transcendentals=0)
+  itemsize = x_rows.dtype.itemsize
+  cost = block_loop(steps=tiles * nb * max_col, bm=bm, bk=bk, bn=bn, loaded=bm * bk + bk * bn,
+                    itemsize=itemsize, mask_bytes=len(masks) * bk * bn,
+                    out_bytes=r * np_ * itemsize)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((r, np_), x_rows.dtype),
@@ -220,6 +218,10 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
     def _():
       o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
+  itemsize = dy_rows.dtype.itemsize
+  cost = block_loop(steps=tiles * kb * max_row, bm=bm, bk=bk, bn=bn, loaded=bm * bn + bk * bn,
+                    itemsize=itemsize, mask_bytes=len(masks) * bk * bn,
+                    out_bytes=r * kp * itemsize)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((r, kp), dy_rows.dtype),
@@ -231,6 +233,7 @@ def input_grad(dy_rows, w, row_cols, row_slots, row_counts, block_masks, layout,
           out_specs=pl.BlockSpec((bm, bk), o_map),
           scratch_shapes=[pltpu.VMEM((bm, bk), jnp.float32)]),
       compiler_params=_compiler_params(),
+      cost_estimate=cost,
       interpret=interpret,
       name="block_sparse_input_grad",
   )(layout.tile_group, layout.num_active, row_cols, row_slots, row_counts, dy_rows, w, *masks)
@@ -305,6 +308,9 @@ def weight_grad(x_rows, dy_rows, block_slots, block_masks, layout, *, num_groups
       o_ref[...] = (acc_ref[...] * m_ref[...].astype(jnp.float32)).astype(o_ref.dtype)
 
   sq = pl.squeezed
+  cost = block_loop(steps=kb * nb * tiles, bm=bm, bk=bk, bn=bn, loaded=bm * (bk + bn),
+                    itemsize=x_rows.dtype.itemsize, mask_bytes=0,
+                    out_bytes=num_groups * kp * np_ * (jnp.dtype(out_dtype).itemsize + 1))
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype),
@@ -317,6 +323,7 @@ def weight_grad(x_rows, dy_rows, block_slots, block_masks, layout, *, num_groups
           out_specs=pl.BlockSpec((sq, bk, bn), o_map),
           scratch_shapes=[pltpu.VMEM((bk, bn), jnp.float32)]),
       compiler_params=_compiler_params(),
+      cost_estimate=cost,
       interpret=interpret,
       name="block_sparse_weight_grad",
   )(layout.tile_group, block_slots, x_rows, dy_rows, block_masks)
