@@ -1,45 +1,91 @@
-"""Speed of the block-sparse kernels against XLA's dense matmul, printed as ratios.
+"""Speed of the block-sparse kernels against XLA's dense matmul, by device timers, as ratios.
 
-  python -m kernels_pallas.bench                 # all cases, bf16
-  python -m kernels_pallas.bench --cases=square --densities=1,0.1 --grad
+  python -m kernels_pallas.bench --out=bench.jsonl             # on a GPU or TPU host
+  python -m kernels_pallas.bench --dry_run --out=/tmp/dry.jsonl  # tiny shapes, any host
 
 Cases (block density = fraction of (bk, bn) weight blocks that are non-zero, chosen at
 random with the same number of blocks in every column-block):
   square:  x[1024, 4096] @ w[4096, 4096].
   experts: SmolLM2 FFN shapes, 1024 tokens routed uniformly to E in {8, 16} experts,
            w[E, 576, 1536] and w[E, 1536, 576]; the dense baseline is ONE dense FFN
-           matmul over all tokens (what a dense layer of the same shape costs).
+           matmul over all tokens (what a dense layer of the same shape costs), and XLA's
+           ragged_dot on the masked experts is timed beside it.
 
-On an accelerator each row times the kernel and the dense baseline on the same data in
-the same process (median of --repeats runs of --iters calls each) and prints
-speedup = t_dense / t_kernel beside the ideal 1 / density and the weight bytes read (each
-non-zero block once, plus packed element masks of partly filled blocks). On CPU it only
-checks correctness in interpret mode at small shapes: timings need a GPU or TPU.
+Every row times the kernel (with the element mask, and `premasked`) and its baseline on
+the same data in the same process. The times are DEVICE times from a JAX profiler trace
+of --iters calls (`device_seconds`: the kernels on a GPU's streams, a TPU's "XLA Ops";
+on CPU the XLA ops on XLA's threads), with wall-clock times beside them; a trace without
+device events falls back to wall clock, and every row says which timer it used.
+speedup = baseline / kernel, printed beside the ideal 1 / density and the weight bytes read
+(each non-zero block once, plus the element mask where it is loaded). Each row is
+appended to --out (JSONL) as soon as it is measured; --budget_s stops before a case
+that would start after the budget, and the skipped cases are recorded.
+
+On CPU the kernels run in the Pallas interpreter, so the bench always runs the dry run
+there: small shapes, both kernels, correctness against the dense numbers, the same
+timers and output (CPU times say nothing about GPU or TPU speed).
 """
 
 from __future__ import annotations
 
-import statistics
+import glob
+import json
+import os
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from experiments import common  # the binaries' flag checks and one-line errors
 from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
 from kernels_pallas.expert_matmul import expert_matmul, expert_matmul_reference
-from kernels_pallas.implementations import PALLAS_BACKENDS
 
-_CASES = flags.DEFINE_list("cases", ["square", "experts"], "Which cases: square, experts.")
-_DENSITIES = flags.DEFINE_list("densities", ["1", "0.5", "0.25", "0.1"], "Block densities.")
+CASES = ("square", "experts")
+
+_CASES = flags.DEFINE_list("cases", list(CASES), f"Cases, any of {', '.join(CASES)}.")
+_DENSITIES = flags.DEFINE_list("densities", ["1", "0.5", "0.25", "0.1"],
+                               "Block densities, each in (0, 1].")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Input dtype.")
-_ITERS = flags.DEFINE_integer("iters", 20, "Calls per timed run.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs; the median is reported.")
-_GRAD = flags.DEFINE_bool("grad", False, "Also time forward+backward (grads of x and w).")
-_BLOCK = flags.DEFINE_list("block_shape", ["128", "128"], "Weight block (bk, bn).")
-_BLOCK_M = flags.DEFINE_integer("block_m", 128, "Row tile.")
+_ITERS = flags.DEFINE_integer("iters", 20, "Calls per trace (the time is their mean).",
+                              lower_bound=1)
+_GRAD = flags.DEFINE_bool("grad", True, "Also time forward+backward (grads of x and w).")
+_BLOCK_K = flags.DEFINE_integer("block_k", 128, "Weight block rows (bk).", lower_bound=1)
+_BLOCK_N = flags.DEFINE_integer("block_n", 128, "Weight block columns (bn).", lower_bound=1)
+_BLOCK_M = flags.DEFINE_integer("block_m", 128, "Row tile cap.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of masks and data.")
+_TIMER = flags.DEFINE_enum("timer", "device", ["device", "wall"],
+                           "device: profiler device times (wall clock beside them); wall: "
+                           "wall clock only.")
+_OUT = flags.DEFINE_string("out", None, "JSONL file the rows are appended to as measured; "
+                           "must not exist yet.", required=True)
+_BUDGET = flags.DEFINE_float("budget_s", 420.0, "Start no case after this many seconds.",
+                             lower_bound=1.0)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Tiny shapes (what CPU always runs).")
+
+# (rows, k, n), expert counts and block shape of the full run and of the dry run.
+FULL = {"square": (1024, 4096, 4096), "experts": (1024, ((576, 1536), (1536, 576)), (8, 16))}
+DRY = {"square": (64, 256, 192), "experts": (64, ((256, 192),), (4,))}
+DRY_BLOCK = (32, 32)
+
+
+def _numbers(values, kind) -> list | None:
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    return None
+
+
+common.seed_validator("seed")
+common.flag_validator("cases", lambda cases: bool(cases) and set(cases) <= set(CASES),
+                      f"must list some of {', '.join(CASES)}")
+common.flag_validator(
+    "densities", lambda v: (d := _numbers(v, float)) is not None and all(0 < x <= 1 for x in d),
+    "must be numbers in (0, 1]")
 
 
 def block_mask(rng: np.random.Generator, k: int, n: int, block_shape: tuple[int, int],
@@ -54,28 +100,65 @@ def block_mask(rng: np.random.Generator, k: int, n: int, block_shape: tuple[int,
   return np.kron(blocks, np.ones((bk, bn), bool))[:k, :n]
 
 
-def weight_bytes(bsm: BlockSparseMask, itemsize: int) -> int:
-  """Bytes of weight (and packed element mask) a kernel reads: each non-zero block once."""
-  slots = np.asarray(bsm.blocks.block_slots)
+def weight_bytes(bsm: BlockSparseMask, itemsize: int, premasked: bool = False) -> int:
+  """Bytes of weight (and element mask) a kernel reads: each non-zero block once, plus
+  the int8 mask of every non-zero block unless the weights are premasked."""
+  blocks = int(np.sum(np.asarray(bsm.blocks.block_slots) >= 0))
   bk, bn = bsm.block_shape
-  partial = int(np.sum(slots > 0))
-  return int(np.sum(slots >= 0)) * bk * bn * itemsize + partial * bk * bn
+  return blocks * bk * bn * (itemsize + (0 if premasked else 1))
 
 
-def _time(fn, *args) -> float:
+def _event_lines(plane) -> list:
+  """The lines of a profiler plane that hold the device's own work, without duplicates:
+  a TPU's (or any derived) "XLA Ops" line, else a GPU's "Stream #..." lines; on the host
+  plane, the threads XLA:CPU runs its ops on."""
+  lines = list(plane.lines)
+  if plane.name.startswith("/device:"):
+    ops = [line for line in lines if line.name == "XLA Ops"]
+    return ops or [line for line in lines if line.name.startswith("Stream")]
+  return [line for line in lines if line.name.startswith("tf_XLA")]
+
+
+def kernel_seconds(profile) -> tuple[str, dict[str, float]]:
+  """(source, {event name: total seconds}) of the device work in a jax.profiler.ProfileData:
+  the device planes' events if there are any, else XLA:CPU's ops ("cpu ops")."""
+  planes = list(profile.planes)
+  device = [p for p in planes if p.name.startswith("/device:")]
+  source = "device" if device else "cpu ops"
+  totals: dict[str, float] = {}
+  for plane in device or [p for p in planes if p.name == "/host:CPU"]:
+    for line in _event_lines(plane):
+      for event in line.events:
+        if event.duration_ns > 0 and not event.name.startswith(("end: ", "Threadpool")):
+          totals[event.name] = totals.get(event.name, 0.0) + event.duration_ns * 1e-9
+  return source, totals
+
+
+def time_calls(fn: Callable, *args, calls: int, timer: str) -> dict:
+  """Mean seconds per call of `fn(*args)` after a warm-up: {"wall_s", "timer", and with
+  the device timer "s" (device seconds) and "kernels" (the 3 costliest event names)}."""
   jax.block_until_ready(fn(*args))  # compile and warm up
-  runs = []
-  for _ in range(_REPEATS.value):
+  with tempfile.TemporaryDirectory() as trace_dir:
+    if timer == "device":
+      jax.profiler.start_trace(trace_dir)
     start = time.perf_counter()
-    for _ in range(_ITERS.value):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    runs.append((time.perf_counter() - start) / _ITERS.value)
-  return statistics.median(runs)
-
-
-def _grad_of(f):
-  return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32)), argnums=(0, 1)))
+    try:
+      for _ in range(calls):
+        out = fn(*args)
+      jax.block_until_ready(out)
+    finally:
+      wall = (time.perf_counter() - start) / calls
+      if timer == "device":
+        jax.profiler.stop_trace()
+    result = {"wall_s": wall, "timer": "wall", "s": wall}
+    traces = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if traces:
+      source, totals = kernel_seconds(jax.profiler.ProfileData.from_file(traces[0]))
+      if totals:
+        top = sorted(totals.items(), key=lambda kv: -kv[1])[:3]
+        result.update(timer=source, s=sum(totals.values()) / calls,
+                      kernels={name: s / calls for name, s in top})
+  return result
 
 
 def _rel_err(a, b) -> float:
@@ -83,120 +166,140 @@ def _rel_err(a, b) -> float:
   return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
 
 
-def _row(name, density, t_kernel, t_dense, bytes_kernel, bytes_dense, err, extra=""):
-  print(f"{name:<28} {density:>7.2f} {t_kernel * 1e3:>10.3f} {t_dense * 1e3:>10.3f} "
-        f"{t_dense / t_kernel:>8.2f} {1 / density:>6.2f} {bytes_kernel / 2**20:>9.2f} "
-        f"{bytes_dense / 2**20:>9.2f} {err:>9.1e}{extra}", flush=True)
+def _grad_of(f):
+  return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32)), argnums=(0, 1)))
 
 
-def _header():
-  print(f"{'case':<28} {'density':>7} {'kernel ms':>10} {'dense ms':>10} {'speedup':>8} "
-        f"{'ideal':>6} {'w MiB':>9} {'dense MiB':>9} {'rel err':>9}")
+def _timed_pair(kernels: dict[str, Callable], baseline: Callable, args, calls: int,
+                timer: str) -> dict:
+  """Times the baseline and each named kernel on the same args: {"baseline": t, name: t}."""
+  out = {"baseline": time_calls(baseline, *args, calls=calls, timer=timer)}
+  for name, fn in kernels.items():
+    out[name] = time_calls(fn, *args, calls=calls, timer=timer)
+  return out
 
 
-def _square(rng, dtype, densities, block_shape):
-  t, k, n = 1024, 4096, 4096
-  x = jnp.asarray(rng.normal(size=(t, k)), dtype)
+def _square_rows(rng, dtype, densities, block, dry: bool) -> Iterator[Callable[[], dict]]:
+  rows, k, n = (DRY if dry else FULL)["square"]
+  x = jnp.asarray(rng.normal(size=(rows, k)), dtype)
   w = jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), dtype)
   dense = jax.jit(lambda x, w: x @ w)
-  t_dense = _time(dense, x, w)
-  t_dense_grad = _time(_grad_of(lambda x, w: x @ w), x, w) if _GRAD.value else None
   for density in densities:
-    mask = block_mask(rng, k, n, block_shape, density)
-    bsm = BlockSparseMask.from_mask(mask, block_shape=block_shape)
-    kernel = jax.jit(lambda x, w, bsm=bsm: block_sparse_matmul(
-        x, w, bsm, implementation="pallas", block_m=_BLOCK_M.value))
-    y = kernel(x, w)
-    err = _rel_err(y, jnp.asarray(x, jnp.float32) @ (jnp.asarray(w, jnp.float32) * mask))
-    t_kernel = _time(kernel, x, w)
-    itemsize = jnp.dtype(dtype).itemsize
-    _row(f"square {t}x{k}x{n}", density, t_kernel, t_dense, weight_bytes(bsm, itemsize),
-         k * n * itemsize, err)
-    if _GRAD.value:
-      t_grad = _time(_grad_of(lambda x, w, bsm=bsm: block_sparse_matmul(
-          x, w, bsm, implementation="pallas", block_m=_BLOCK_M.value)), x, w)
-      _row("  fwd+bwd", density, t_grad, t_dense_grad, 0, 0, float("nan"))
+    def measure(density=density):
+      mask = block_mask(rng, k, n, block, density)
+      bsm = BlockSparseMask.from_mask(mask, block_shape=block)
+      w_masked = w * jnp.asarray(mask, dtype)
+      op = lambda premasked: lambda x, w: block_sparse_matmul(  # noqa: E731
+          x, w, bsm, implementation="pallas", block_m=_BLOCK_M.value, premasked=premasked)
+      want = jnp.asarray(x, jnp.float32) @ jnp.asarray(w_masked, jnp.float32)
+      err = max(_rel_err(jax.jit(op(p))(x, w_masked), want) for p in (False, True))
+      kernels = {"masked": jax.jit(op(False)), "premasked": jax.jit(op(True))}
+      times = {"forward": _timed_pair(kernels, dense, (x, w_masked), _ITERS.value, _TIMER.value)}
+      if _GRAD.value:
+        times["forward+backward"] = _timed_pair(
+            {name: _grad_of(op(p)) for name, p in (("masked", False), ("premasked", True))},
+            _grad_of(lambda x, w: x @ w), (x, w_masked), _ITERS.value, _TIMER.value)
+      itemsize = jnp.dtype(dtype).itemsize
+      return {"case": "square", "shape": [rows, k, n], "density": density, "times": times,
+              "baseline": "dense XLA x @ w", "rel_err": err,
+              "weight_bytes": {"masked": weight_bytes(bsm, itemsize),
+                               "premasked": weight_bytes(bsm, itemsize, True),
+                               "baseline": k * n * itemsize}}
+    yield measure
 
 
-def _experts(rng, dtype, densities, block_shape):
-  tokens = 1024
+def _expert_rows(rng, dtype, densities, block, dry: bool) -> Iterator[Callable[[], dict]]:
+  tokens, shapes, expert_counts = (DRY if dry else FULL)["experts"]
   itemsize = jnp.dtype(dtype).itemsize
-  for num_experts in (8, 16):
-    for k, n in ((576, 1536), (1536, 576)):
-      x = jnp.asarray(rng.normal(size=(tokens, k)), dtype)
-      ids = jnp.asarray(rng.integers(0, num_experts, tokens), jnp.int32)
-      w = jnp.asarray(rng.normal(size=(num_experts, k, n)) / np.sqrt(k), dtype)
-      dense = jax.jit(lambda x, w0: x @ w0)
-      t_dense = _time(dense, x, w[0])
+  for num_experts in expert_counts:
+    for k, n in shapes:
       for density in densities:
-        masks = np.stack([block_mask(rng, k, n, block_shape, density)
-                          for _ in range(num_experts)])
-        bsm = BlockSparseMask.from_masks(masks, block_shape=block_shape)
-        kernel = jax.jit(lambda x, w, ids=ids, bsm=bsm: expert_matmul(
-            x, ids, w, bsm, implementation="pallas", block_m=_BLOCK_M.value))
-        ragged = jax.jit(lambda x, w, ids=ids, bsm=bsm: expert_matmul(
-            x, ids, w, bsm, implementation="xla"))
-        y = kernel(x, w)
-        err = _rel_err(y, expert_matmul_reference(
-            jnp.asarray(x, jnp.float32), ids, jnp.asarray(w, jnp.float32), masks))
-        t_kernel = _time(kernel, x, w)
-        t_ragged = _time(ragged, x, w)
-        _row(f"experts E={num_experts} {tokens}x{k}x{n}", density, t_kernel, t_dense,
-             weight_bytes(bsm, itemsize), k * n * itemsize, err,
-             f"   (XLA ragged_dot on masked experts: {t_ragged * 1e3:.3f} ms)")
+        def measure(num_experts=num_experts, k=k, n=n, density=density):
+          x = jnp.asarray(rng.normal(size=(tokens, k)), dtype)
+          ids = jnp.asarray(rng.integers(0, num_experts, tokens), jnp.int32)
+          masks = np.stack([block_mask(rng, k, n, block, density) for _ in range(num_experts)])
+          bsm = BlockSparseMask.from_masks(masks, block_shape=block)
+          w = jnp.asarray(rng.normal(size=(num_experts, k, n)) / np.sqrt(k) * masks, dtype)
+          op = lambda impl, premasked=False: lambda x, w: expert_matmul(  # noqa: E731
+              x, ids, w, bsm, implementation=impl, block_m=_BLOCK_M.value,
+              premasked=premasked)
+          want = expert_matmul_reference(jnp.asarray(x, jnp.float32), ids,
+                                         jnp.asarray(w, jnp.float32), masks)
+          err = max(_rel_err(jax.jit(op("pallas", p))(x, w), want) for p in (False, True))
+          dense = jax.jit(lambda x, w: x @ w[0])  # one dense FFN matmul over all tokens
+          kernels = {"masked": jax.jit(op("pallas")), "premasked": jax.jit(op("pallas", True)),
+                     "ragged_dot": jax.jit(op("xla"))}
+          times = {"forward": _timed_pair(kernels, dense, (x, w), _ITERS.value, _TIMER.value)}
+          return {"case": "experts", "experts": num_experts, "shape": [tokens, k, n],
+                  "density": density, "times": times,
+                  "baseline": "one dense XLA x @ w[0] over all tokens", "rel_err": err,
+                  "weight_bytes": {"masked": weight_bytes(bsm, itemsize),
+                                   "premasked": weight_bytes(bsm, itemsize, True),
+                                   "baseline": k * n * itemsize}}
+        yield measure
 
 
-def _cpu_check(rng) -> None:
-  """Interpret-mode correctness of both kernels at small shapes (no timings)."""
-  print("CPU only: checking correctness in interpret mode at small shapes; "
-        "timings need a GPU or TPU (run this module there).")
-  x = jnp.asarray(rng.normal(size=(64, 256)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(256, 192)), jnp.float32)
-  ids = jnp.asarray(rng.integers(0, 4, 64), jnp.int32)
-  we = jnp.asarray(rng.normal(size=(4, 256, 192)), jnp.float32)
-  worst = 0.0
-  for density in (1.0, 0.5, 0.25, 0.1):
-    mask = block_mask(rng, 256, 192, (32, 32), density)
-    masks = np.stack([block_mask(rng, 256, 192, (32, 32), density) for _ in range(4)])
-    for backend in PALLAS_BACKENDS:
-      bsm = BlockSparseMask.from_mask(mask, block_shape=(32, 32))
-      y = jax.jit(lambda x, w, bsm=bsm, b=backend: block_sparse_matmul(
-          x, w, bsm, implementation="pallas", backend=b, block_m=32))(x, w)
-      err = _rel_err(y, x @ (w * mask))
-      ebsm = BlockSparseMask.from_masks(masks, block_shape=(32, 32))
-      ye = jax.jit(lambda x, w, bsm=ebsm, b=backend: expert_matmul(
-          x, ids, w, bsm, implementation="pallas", backend=b, block_m=16))(x, we)
-      err_e = _rel_err(ye, expert_matmul_reference(x, ids, we, masks))
-      worst = max(worst, err, err_e)
-      print(f"  density {density:.2f} pallas {backend:<4}  block-sparse rel err {err:.1e}  "
-            f"expert rel err {err_e:.1e}  weight bytes {weight_bytes(bsm, 4)} of {256 * 192 * 4}")
-  print(f"worst relative error {worst:.1e}: {'OK' if worst < 1e-5 else 'FAILED'}")
-  if worst >= 1e-5:
-    raise SystemExit(1)
+def _print_row(row: dict) -> None:
+  label = row["case"] + (f" E={row['experts']}" if "experts" in row else "")
+  label += " " + "x".join(map(str, row["shape"]))
+  for direction, times in row["times"].items():
+    base = times["baseline"]["s"]
+    cells = "  ".join(f"{name} {t['s'] * 1e3:8.3f} ms ({base / t['s']:5.2f}x)"
+                      for name, t in times.items() if name != "baseline")
+    print(f"{label:<26} {row['density']:5.2f} {direction:<16} baseline {base * 1e3:8.3f} ms  "
+          f"{cells}  ideal {1 / row['density']:5.2f}x  [{times['baseline']['timer']}]",
+          flush=True)
+  print(f"{'':<26} weight MiB: masked {row['weight_bytes']['masked'] / 2**20:.2f}, premasked "
+        f"{row['weight_bytes']['premasked'] / 2**20:.2f}, dense "
+        f"{row['weight_bytes']['baseline'] / 2**20:.2f}; rel err {row['rel_err']:.1e}",
+        flush=True)
 
 
-def main(argv):
+def main(argv) -> None:
   del argv
-  rng = np.random.default_rng(_SEED.value)
+  common.validate("out", not os.path.exists(_OUT.value), "exists; name a new file")
   platform = jax.default_backend()
-  print(f"jax {jax.__version__} on {platform}: {jax.devices()[0].device_kind}")
-  if platform == "cpu":
-    _cpu_check(rng)
-    return
-  dtype = jnp.dtype(_DTYPE.value)
+  dry = _DRY_RUN.value or platform == "cpu"
+  dtype = jnp.float32 if platform == "cpu" else jnp.dtype(_DTYPE.value)
+  block = DRY_BLOCK if dry else (_BLOCK_K.value, _BLOCK_N.value)
   densities = [float(d) for d in _DENSITIES.value]
-  block_shape = tuple(int(b) for b in _BLOCK.value)
-  print(f"dtype {dtype.name}, block {block_shape}, block_m {_BLOCK_M.value}, median of "
-        f"{_REPEATS.value} x {_ITERS.value} calls; speedup = dense ms / kernel ms")
-  _header()
-  for case in _CASES.value:
-    if case == "square":
-      _square(rng, dtype, densities, block_shape)
-    elif case == "experts":
-      _experts(rng, dtype, densities, block_shape)
-    else:
-      raise SystemExit(f"--cases: unknown case {case!r}; valid: square, experts")
+  rng = np.random.default_rng(_SEED.value)
+  header = {"jax": jax.__version__, "platform": platform,
+            "device": jax.devices()[0].device_kind, "dry_run": dry,
+            "dtype": jnp.dtype(dtype).name, "block_shape": list(block),
+            "block_m": _BLOCK_M.value, "iters": _ITERS.value, "timer": _TIMER.value}
+  print(" ".join(f"{k}={v}" for k, v in header.items()), flush=True)
+  if platform == "cpu":
+    print("CPU: the kernels run in the Pallas interpreter; a dry run at small shapes checks "
+          "them and the timers. Timings need a GPU or TPU.", flush=True)
+  rows = [m for case in _CASES.value
+          for m in {"square": _square_rows, "experts": _expert_rows}[case](
+              rng, dtype, densities, block, dry)]
+  start = time.perf_counter()
+  worst = 0.0
+  with open(_OUT.value, "x") as out:
+    out.write(json.dumps({"header": header}) + "\n")
+    for done, measure in enumerate(rows):
+      elapsed = time.perf_counter() - start
+      if elapsed > _BUDGET.value:
+        print(f"budget of {_BUDGET.value:.0f} s reached after {done} of {len(rows)} rows; "
+              "the rest are skipped", flush=True)
+        out.write(json.dumps({"skipped_rows": len(rows) - done, "after_s": elapsed}) + "\n")
+        break
+      row = measure()
+      worst = max(worst, row["rel_err"])
+      out.write(json.dumps(row) + "\n")
+      out.flush()
+      _print_row(row)
+      rate = (time.perf_counter() - start) / (done + 1)
+      print(f"  [{done + 1}/{len(rows)} rows, {rate:.1f} s/row, about "
+            f"{rate * (len(rows) - done - 1):.0f} s left]", flush=True)
+  tolerance = 1e-5 if dtype == jnp.float32 and platform == "cpu" else 2e-2
+  print(f"worst relative error {worst:.1e} (tolerance {tolerance:.0e}): "
+        f"{'OK' if worst < tolerance else 'FAILED'}; rows in {_OUT.value}")
+  if worst >= tolerance:
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main)
