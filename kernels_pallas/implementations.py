@@ -6,8 +6,9 @@ IMPLEMENTATIONS, and it means the same everywhere (`block_sparse_matmul`,
 
   "xla"     XLA ops on the masked weights: `x @ (w * mask)`, or for routed experts a
             grouped XLA matmul. Never a Pallas kernel; the default path's numbers.
-  "pallas"  the block-sparse Pallas kernel of the platform (Mosaic on TPU, Triton on GPU;
-            on CPU the TPU kernel in interpret mode, slow, for checking). It needs the
+  "pallas"  the block-sparse Pallas kernel of the platform (Mosaic on TPU; on GPU
+            Triton, and from jax 0.11 Mosaic GPU for premasked 16-bit weights; on CPU the
+            TPU kernel in interpret mode, slow, for checking). It needs the
             mask's kernel metadata, a `block_sparse.BlockSparseMask` built once on the
             host; asking for it without one is an error.
   "auto"    "pallas" where the platform has a native kernel (TPU, GPU) and the caller

@@ -4,6 +4,7 @@ tests/test_kernels_compile.py, tests/compile_for_h200.py): both ops at the defau
 8-expert 576x1536."""
 
 import contextlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,8 @@ def block_mask(k, n, density, seed=0, block=128):
 
 def _square(rows, k, n, density):
   bsm = BlockSparseMask.from_mask(block_mask(k, n, density))
-  op = lambda impl: lambda x, w: block_sparse_matmul(x, w, bsm, implementation=impl)  # noqa: E731
+  def op(impl, premasked=False):
+    return lambda x, w: block_sparse_matmul(x, w, bsm, implementation=impl, premasked=premasked)
   return op, ((rows, k), (k, n))
 
 
@@ -32,16 +34,31 @@ def _experts(tokens, num_experts, k, n, density):
   masks = np.stack([block_mask(k, n, density, seed) for seed in range(num_experts)])
   bsm = BlockSparseMask.from_masks(masks)
   ids = jnp.asarray(np.random.default_rng(1).integers(0, num_experts, tokens), jnp.int32)
-  op = lambda impl: lambda x, w: expert_matmul(x, ids, w, bsm, implementation=impl)  # noqa: E731
+  def op(impl, premasked=False):
+    return lambda x, w: expert_matmul(x, ids, w, bsm, implementation=impl, premasked=premasked)
   return op, ((tokens, k), (num_experts, k, n))
 
 
-# name -> () -> (implementation -> fn(x, w), (x shape, w shape))
+# name -> () -> ((implementation, premasked=False) -> fn(x, w), (x shape, w shape))
 CASES = {
     "square_small": lambda: _square(256, 512, 384, 0.5),
     "square_bench": lambda: _square(1024, 4096, 4096, 0.25),
     "experts_smollm2": lambda: _experts(1024, 8, 576, 1536, 0.5),
 }
+
+
+def kernel_calls(text: str) -> dict[str, int]:
+  """The Pallas kernels' custom calls in lowered (StableHLO) or compiled (HLO) text, by
+  compiler: Mosaic TPU, Pallas Triton and Mosaic GPU (`mosaic_gpu_v2`)."""
+  return {"tpu": text.count("tpu_custom_call"), "triton": text.count("__gpu$xla.gpu.triton"),
+          "mosaic_gpu": len(re.findall(r'(?:@|custom_call_target=")mosaic_gpu', text))}
+
+
+def runs_mosaic_gpu(dtype, premasked: bool) -> bool:
+  """Whether the GPU forward and input gradient are Mosaic GPU kernels, written out from
+  kernel_mosaic_gpu's rules for these cases' 128x128 blocks and 128-row tiles: jax >=
+  0.11, premasked weights, 16-bit inputs (the weight gradient is always Triton's)."""
+  return jax.__version_info__[:2] >= (0, 11) and premasked and jnp.dtype(dtype).itemsize == 2
 
 
 def grad_of_sum(fn):

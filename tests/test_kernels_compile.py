@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import topologies
 from jax.sharding import SingleDeviceSharding
-from kernel_cases import CASES, grad_of_sum, targeting_gpu
+from kernel_cases import CASES, grad_of_sum, kernel_calls, runs_mosaic_gpu, targeting_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILERS = os.path.join(os.environ.get("FPE_JAX_COMPILERS",
@@ -53,11 +53,11 @@ def tpu(request):
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-def compiled_kernel_calls(case, dtype, device, custom_call: str) -> dict:
+def compiled_kernel_calls(case, dtype, device, premasked: bool = False) -> dict:
   """Compiles a case's "pallas" forward and gradients for `device`: the kernels' custom
-  calls in each compiled program ({"forward": n, "backward": n})."""
+  calls in each compiled program ({"forward": kernel_calls, "backward": kernel_calls})."""
   op, shapes = case()
-  fn = op("pallas")
+  fn = op("pallas", premasked)
   args = [jax.ShapeDtypeStruct(s, dtype, sharding=SingleDeviceSharding(device))
           for s in shapes]
   calls = {}
@@ -65,21 +65,27 @@ def compiled_kernel_calls(case, dtype, device, custom_call: str) -> dict:
     with targeting_gpu(device.platform, device.device_kind,
                        getattr(device, "core_count", None)):
       lowered = jax.jit(f).trace(*args).lower()
-    calls[part] = lowered.compile().as_text().count(custom_call)
+    calls[part] = kernel_calls(lowered.compile().as_text())
   return calls
 
 
+PREMASKED = {"masked": False, "premasked": True}
+
+
+@pytest.mark.parametrize("weights", sorted(PREMASKED))
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_forward_and_gradients_compile_to_mosaic_kernels(tpu, case, dtype):
-  calls = compiled_kernel_calls(CASES[case], DTYPES[dtype], tpu, "tpu_custom_call")
-  assert calls["forward"] == 1
-  assert 2 <= calls["backward"] <= 3  # the input and weight gradients (+ the forward)
+def test_forward_and_gradients_compile_to_mosaic_kernels(tpu, case, dtype, weights):
+  calls = compiled_kernel_calls(CASES[case], DTYPES[dtype], tpu, PREMASKED[weights])
+  assert calls["forward"] == {"tpu": 1, "triton": 0, "mosaic_gpu": 0}
+  backward = calls["backward"]
+  assert 2 <= backward["tpu"] <= 3  # the input and weight gradients (+ the forward)
+  assert backward["triton"] == backward["mosaic_gpu"] == 0
 
 
 @pytest.fixture(scope="module")
 def h200():
-  """{(case, dtype): compile record} of tests/compile_for_h200.py, run once."""
+  """{(case, dtype, weights): compile record} of tests/compile_for_h200.py, run once."""
   plugin = os.path.join(COMPILERS, "cuda")
   assert os.path.isdir(os.path.join(plugin, "jax_plugins")), (
       f"no jax-cuda13 plugin in {plugin}: run `bash scripts/install_compilers.sh`")
@@ -88,14 +94,24 @@ def h200():
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "compile_for_h200.py")],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return {(r["case"], r["dtype"]): r for r in json.loads(proc.stdout.splitlines()[-1])}
+  return {(r["case"], r["dtype"], r["weights"]): r
+          for r in json.loads(proc.stdout.splitlines()[-1])}
 
 
+@pytest.mark.parametrize("weights", sorted(PREMASKED))
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_forward_and_gradients_compile_to_triton_kernels_for_an_h200(h200, case, dtype):
-  record = h200[(case, dtype)]
+def test_forward_and_gradients_compile_to_gpu_kernels_for_an_h200(h200, case, dtype, weights):
+  """Triton kernels; on jax >= 0.11 with premasked 16-bit weights, Mosaic GPU kernels for
+  the forward and input gradient (TMA + wgmma) beside Triton's weight gradient."""
+  record = h200[(case, dtype, weights)]
   assert record["device"] == "NVIDIA H200"
   assert "error" not in record, record["error"]
-  assert record["forward"] == 1
-  assert 2 <= record["backward"] <= 3
+  forward, backward = record["forward"], record["backward"]
+  assert forward["tpu"] == backward["tpu"] == 0
+  if runs_mosaic_gpu(DTYPES[dtype], PREMASKED[weights]):
+    assert forward == {"tpu": 0, "triton": 0, "mosaic_gpu": 1}
+    assert backward["triton"] == 1 and 1 <= backward["mosaic_gpu"] <= 2
+  else:
+    assert forward == {"tpu": 0, "triton": 1, "mosaic_gpu": 0}
+    assert backward["mosaic_gpu"] == 0 and 2 <= backward["triton"] <= 3

@@ -16,12 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_cases import CASES, block_mask, grad_of_sum, targeting_gpu
+from kernel_cases import (
+  CASES,
+  block_mask,
+  grad_of_sum,
+  kernel_calls,
+  runs_mosaic_gpu,
+  targeting_gpu,
+)
 
 from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
-
-CUSTOM_CALLS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
-
 
 def _lowered(fn, shapes, dtype, platform):
   args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
@@ -29,23 +33,27 @@ def _lowered(fn, shapes, dtype, platform):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
+@pytest.mark.parametrize("premasked", [False, True], ids=["masked", "premasked"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("platform", sorted(CUSTOM_CALLS))
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("implementation", ["pallas", "auto"])
 def test_lowered_for_an_accelerator_the_ops_hold_its_kernel(implementation, platform, case,
-                                                            dtype):
+                                                            dtype, premasked):
   op, shapes = CASES[case]()
-  fn = op(implementation)
-  forward = _lowered(fn, shapes, dtype, platform)
-  grads = _lowered(grad_of_sum(fn), shapes, dtype, platform)
-  call = CUSTOM_CALLS[platform]
-  assert forward.count(call) == 1
+  fn = op(implementation, premasked)
+  forward = kernel_calls(_lowered(fn, shapes, dtype, platform))
+  grads = kernel_calls(_lowered(grad_of_sum(fn), shapes, dtype, platform))
+  mosaic = platform == "cuda" and runs_mosaic_gpu(dtype, premasked)
+  kind = "tpu" if platform == "tpu" else "mosaic_gpu" if mosaic else "triton"
+  assert forward == {"tpu": 0, "triton": 0, "mosaic_gpu": 0, kind: 1}
   # The input- and weight-gradient kernels, and the forward kernel where the custom VJP's
-  # forward is not dead code (the routed op keeps it; a sum does not need it).
-  assert 2 <= grads.count(call) <= 3
-  for other in set(CUSTOM_CALLS.values()) - {call}:
-    assert other not in forward + grads
+  # forward is not dead code (the routed op keeps it; a sum does not need it). Mosaic
+  # GPU takes the forward and input gradient; the weight gradient stays on Triton.
+  if mosaic:
+    assert 1 <= grads["mosaic_gpu"] <= 2 and grads["triton"] == 1 and grads["tpu"] == 0
+  else:
+    assert 2 <= grads[kind] <= 3 and sum(grads.values()) == grads[kind]
 
 
 @pytest.mark.parametrize("implementation", ["pallas", "auto", "xla"])
@@ -55,7 +63,7 @@ def test_lowered_for_cpu_the_ops_hold_no_kernel(implementation, case):
   op, shapes = CASES[case]()
   text = _lowered(op(implementation), shapes, jnp.float32, "cpu")
   text += _lowered(grad_of_sum(op(implementation)), shapes, jnp.float32, "cpu")
-  assert not any(call in text for call in CUSTOM_CALLS.values())
+  assert not any(kernel_calls(text).values())
 
 
 @pytest.mark.parametrize("case", ["square_small", "experts_smollm2"])

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import implementations
-from kernels_pallas.block_sparse import kernel_gpu, kernel_tpu
+from kernels_pallas.block_sparse import kernel_gpu, kernel_mosaic_gpu, kernel_tpu
 from kernels_pallas.block_sparse.layout import RowLayout
 from kernels_pallas.block_sparse.metadata import BlockMetadata, fit_block, padded
 
@@ -171,6 +171,11 @@ def forward(cfg: KernelConfig, x_rows: Annotated[jax.Array, "r kp"],
   Returns:
     [R, Np] in x_rows' dtype (f32 accumulation).
   """
+  bk, bn = meta.block_masks.shape[-2:]
+  if cfg.backend == "gpu" and kernel_mosaic_gpu.applies(cfg.premasked, x_rows.dtype, bm, bk, bn):
+    return kernel_mosaic_gpu.forward(x_rows, w, _flat(meta.col_block_rows),
+                                     _flat(meta.col_block_counts), layout, bm=bm, bk=bk, bn=bn,
+                                     interpret=cfg.interpret)
   return _BACKENDS[cfg.backend].forward(
       x_rows, w, _flat(meta.col_block_rows), _flat(meta.col_block_slots),
       _flat(meta.col_block_counts), meta.block_masks, layout, bm=bm, premasked=cfg.premasked,
@@ -181,6 +186,12 @@ def input_grad(cfg: KernelConfig, dy_rows: Annotated[jax.Array, "r np"],
                w: Annotated[jax.Array, "g kp np"], meta: BlockMetadata, layout: RowLayout, *,
                bm: int) -> Annotated[jax.Array, "r kp"]:
   """Per tile, `dy_rows @ (w[g] * mask[g]).T`: [R, Np] -> [R, Kp]; arguments as `forward`."""
+  bk, bn = meta.block_masks.shape[-2:]
+  if cfg.backend == "gpu" and kernel_mosaic_gpu.applies(cfg.premasked, dy_rows.dtype, bm, bk,
+                                                         bn):
+    return kernel_mosaic_gpu.input_grad(dy_rows, w, _flat(meta.row_block_cols),
+                                        _flat(meta.row_block_counts), layout, bm=bm, bk=bk,
+                                        bn=bn, interpret=cfg.interpret)
   return _BACKENDS[cfg.backend].input_grad(
       dy_rows, w, _flat(meta.row_block_cols), _flat(meta.row_block_slots),
       _flat(meta.row_block_counts), meta.block_masks, layout, bm=bm, premasked=cfg.premasked,

@@ -5,7 +5,9 @@
 
 * "xla": the dense jnp reference (autodiff gives the masked weight gradient);
 * "pallas": the kernel of the platform the computation is LOWERED for (TPU: Mosaic with
-  scalar prefetch, GPU: Triton with index arrays as inputs; on CPU the TPU kernel in
+  scalar prefetch, GPU: Triton with index arrays as inputs, and from jax 0.11 Mosaic GPU
+  (TMA + wgmma) for the forward and input gradient of premasked 16-bit weights
+  (kernel_mosaic_gpu.applies); on CPU the TPU kernel in
   interpret mode; `grouped.on_lowering_platform`), so an ahead-of-time lowering for a TPU
   or GPU from a CPU host holds the real kernel; or the one named by `backend=` ("tpu" |
   "gpu", interpreted on CPU, chosen when traced);
