@@ -1,6 +1,7 @@
 """Compiles every case of tests/test_kernels_compile.py for an NVIDIA H200, deviceless.
 
-  PYTHONPATH=<repo>:<compilers>/jax-<version>/cuda JAX_PLATFORMS=cpu python tests/compile_for_h200.py
+  PYTHONPATH=<repo>:<compilers>/jax-<version>/cuda JAX_PLATFORMS=cpu \
+      python tests/compile_for_h200.py
 
 A separate process because XLA:GPU comes from the jax-cuda13 plugin, which jax discovers
 when it starts (scripts/install_compilers.sh keeps it out of the test environment). The

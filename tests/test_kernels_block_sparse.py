@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kernel_cases import targeting_gpu
 
 from kernels_pallas import implementations
 from kernels_pallas.block_sparse import (
@@ -374,12 +375,11 @@ def test_run_stacked_kernel_masks_train_under_vmap_and_scan():
 @pytest.mark.parametrize("platform,backend", [("tpu", "tpu"), ("cuda", "gpu")])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_kernels_lower_for_tpu_and_gpu(platform, backend, dtype):
-  """Cross-platform lowering on CPU: the Mosaic TPU and Triton GPU kernels (forward,
-  input gradient, weight gradient) pass Pallas' lowering at hardware block sizes.
-
-  This is as far as CPU can go: the final Mosaic / Triton compilation and the run
-  itself need the hardware.
-  """
+  """Cross-platform lowering on CPU of `stacked_matmul` with partly filled blocks (so the
+  element masks are loaded): the Mosaic TPU and Triton GPU kernels (forward, input
+  gradient, weight gradient) pass Pallas' lowering at hardware block sizes. The ops'
+  lowering and the real compilers' verdicts are in test_kernels_lowering.py and
+  test_kernels_compile.py."""
   cfg = KernelConfig(backend=backend, interpret=False, block_m=128)
   mask = np.kron(np.random.default_rng(6).random((4, 3)) < 0.5, np.ones((128, 128), bool))
   mask[:, :5] = 0  # partly filled blocks: the packed element masks are used too
@@ -389,9 +389,10 @@ def test_kernels_lower_for_tpu_and_gpu(platform, backend, dtype):
   def loss(x, w):
     return jnp.sum(stacked_matmul(cfg, x, w, meta).astype(jnp.float32) ** 2)
 
-  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(
-      jnp.ones((1, 256, 512), dtype), jnp.ones((1, 512, 384), dtype)).lower(
-          lowering_platforms=(platform,))
+  with targeting_gpu(platform):
+    lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(
+        jnp.ones((1, 256, 512), dtype), jnp.ones((1, 512, 384), dtype)).lower(
+            lowering_platforms=(platform,))
   text = lowered.as_text()
   marker = "tpu_custom_call" if backend == "tpu" else "xla.gpu.triton"
   assert text.count(marker) == 3

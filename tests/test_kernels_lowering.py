@@ -27,6 +27,7 @@ from kernel_cases import (
 
 from kernels_pallas.block_sparse import BlockSparseMask, block_sparse_matmul
 
+
 def _lowered(fn, shapes, dtype, platform):
   args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
   with targeting_gpu(platform):
