@@ -9,3 +9,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402 -- after XLA_FLAGS, as above
+
+# The suites that run the binaries end to end, in subprocesses (plus the notebook): the
+# bulk of the suite's time. `-m "not end_to_end"` leaves the library, kernel and compile
+# tests, which is what CI runs again on the newest jax (README).
+END_TO_END = {"test_bad_inputs.py", "test_boolean_binary.py", "test_deep_binary.py",
+              "test_embeddings_binary.py", "test_llm_binaries.py", "test_ncen_binary.py",
+              "test_notebook.py"}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.path.name in END_TO_END:
+      item.add_marker(pytest.mark.end_to_end)

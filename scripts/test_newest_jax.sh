@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The tests again on the newest jax the project supports (setup.cfg: jax<0.13), on
+# Python 3.12 (jax 0.11+ needs >= 3.11 wheels that pip resolves there; the GPU hosts run
+# 3.12), in a virtualenv of its own with its own data readers and compilers: the library,
+# kernel and deviceless-compile tests (`-m "not end_to_end"`). The binaries' end-to-end
+# suites run on the default Python only, to keep CI short (README).
+# Idempotent. PYTHON312 names the interpreter (default: python3.12 on PATH, else pyenv's).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY312="${PYTHON312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -1 || true)}"
+if [ -z "$PY312" ] || [ ! -x "$PY312" ]; then
+  echo "error: no Python 3.12 found: install it (pyenv install 3.12) or set PYTHON312" >&2
+  exit 1
+fi
+VENV="${FPE_JAX_VENV312:-$HOME/.cache/fpe_jax/venv-py312}"
+[ -x "$VENV/bin/python" ] || "$PY312" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e ".[test,data]" "jax>=0.12,<0.13"
+PYTHON="$VENV/bin/python" bash scripts/install_data.sh
+PYTHON="$VENV/bin/python" bash scripts/install_compilers.sh
+"$VENV/bin/python" -c 'import jax, sys; print(f"[test_newest_jax] Python {sys.version.split()[0]}, jax {jax.__version__}")'
+"$VENV/bin/python" -m pytest -q -m "not end_to_end"
