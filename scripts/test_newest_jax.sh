@@ -4,12 +4,20 @@
 # 3.12), in a virtualenv of its own with its own data readers and compilers: the library,
 # kernel and deviceless-compile tests (`-m "not end_to_end"`). The binaries' end-to-end
 # suites run on the default Python only, to keep CI short (README).
-# Idempotent. PYTHON312 names the interpreter (default: python3.12 on PATH, else pyenv's).
+# Idempotent. PYTHON312 names the interpreter (default: pyenv's 3.12, else python3.12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY312="${PYTHON312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -1 || true)}"
-if [ -z "$PY312" ] || [ ! -x "$PY312" ]; then
+# The first candidate that really is a working Python 3.12 (pyenv's shim on PATH may not be).
+PY312=""
+for candidate in "${PYTHON312:-}" "$HOME"/.pyenv/versions/3.12*/bin/python python3.12; do
+  if [ -n "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' \
+      2>/dev/null; then
+    PY312="$candidate"
+    break
+  fi
+done
+if [ -z "$PY312" ]; then
   echo "error: no Python 3.12 found: install it (pyenv install 3.12) or set PYTHON312" >&2
   exit 1
 fi
