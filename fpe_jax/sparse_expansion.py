@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -257,10 +257,13 @@ class PipelineResult:
     perplexity: exp(mean next-token NLL) on the evaluation windows.
     mean_nll: the mean NLL.
     layers: one dict per compressed layer, from the per-layer hook (may be empty).
+    ffns: with `keep_ffns`, the compressed model: {layer: ffn} of `ffn_apply`'s banks
+      (without kernel metadata, which `experts.with_block_mask` rebuilds); else None.
   """
   perplexity: float
   mean_nll: float
   layers: list[dict]
+  ffns: dict[int, Params] | None = None
 
 
 LayerHook = Callable[[int, Params, jax.Array, Params, dict], dict]
@@ -291,11 +294,92 @@ def _batched(fn, arrays: Sequence[jax.Array], batch_size: int) -> jax.Array:
   return jnp.concatenate(outs, axis=0)
 
 
+def _block_step(model_cfg: llama.LlamaConfig, block: Params, ffn: Params | None,
+                h: jax.Array, *, batch_size: int, implementation: str) -> jax.Array:
+  """One block over all windows of h: dense, or with its FFN replaced by `ffn`. The one
+  evaluation step of `run_pipeline` and `compressed_hidden`, so a saved model reloaded
+  gives the run's numbers exactly."""
+  if ffn is None:
+    return _batched(lambda h: _DENSE_BLOCK(model_cfg, block, h), [h], batch_size)
+  a = _batched(lambda h: _ATTENTION(model_cfg, block, h), [h], batch_size)
+  x = _batched(lambda a: _FFN_INPUT(model_cfg, block, a), [a], batch_size)
+  return _batched(lambda a, x: _ffn_residual(ffn, a, x, implementation=implementation),
+                  [a, x], batch_size)
+
+
+def _mean_nll(model_cfg: llama.LlamaConfig, params: Params, h: jax.Array,
+              windows: jax.Array, batch_size: int) -> float:
+  """Mean next-token NLL of the windows from their last hidden states h."""
+  total = sum(float(_nll_sum(model_cfg, params, h[s:s + batch_size], windows[s:s + batch_size]))
+              for s in range(0, windows.shape[0], batch_size))
+  return total / (windows.shape[0] * (windows.shape[1] - 1))
+
+
+def strip_kernel_metadata(ffn: Params) -> Params:
+  """The FFN's banks without their host-built kernel metadata (what a saved model holds)."""
+  return {name: bank._replace(block_mask=None) for name, bank in ffn.items()}
+
+
+def compressed_hidden(model_cfg: llama.LlamaConfig, params: Params,
+                      ffns: Mapping[int, Params], windows: jax.Array, *, batch_size: int = 8,
+                      implementation: str = "auto") -> jax.Array:
+  """Last hidden states of the model whose block `l` FFN is `ffns[l]` (dense elsewhere).
+
+  Args:
+    model_cfg, params: the base model.
+    ffns: {layer: ffn} as `PipelineResult.ffns` (kernel metadata attached where
+      `implementation` is "pallas").
+    windows: [n, seq] int tokens.
+    batch_size: windows per jitted block call (the run's, to reproduce its numbers).
+    implementation: the expert apply's implementation.
+
+  Returns:
+    [n, seq, d_model].
+  """
+  h = _batched(lambda t: _EMBED(params, t), [jnp.asarray(windows)], batch_size)
+  for layer in range(model_cfg.n_layers):
+    h = _block_step(model_cfg, llama.block_params(params, layer), ffns.get(layer), h,
+                    batch_size=batch_size, implementation=implementation)
+  return h
+
+
+def compressed_perplexity(model_cfg: llama.LlamaConfig, params: Params,
+                          ffns: Mapping[int, Params], windows: jax.Array, *,
+                          batch_size: int = 8, implementation: str = "auto"
+                          ) -> tuple[float, float]:
+  """(perplexity, mean NLL) of the compressed model on held-out windows, computed as
+  `run_pipeline` computes its own (same steps, same batches)."""
+  windows = jnp.asarray(windows)
+  h = compressed_hidden(model_cfg, params, ffns, windows, batch_size=batch_size,
+                        implementation=implementation)
+  mean_nll = _mean_nll(model_cfg, params, h, windows, batch_size)
+  return float(np.exp(mean_nll)), mean_nll
+
+
+def compressed_greedy(model_cfg: llama.LlamaConfig, params: Params,
+                      ffns: Mapping[int, Params], prompt: Sequence[int], num_tokens: int, *,
+                      implementation: str = "auto") -> list[int]:
+  """Greedy continuation of `prompt` by the compressed model, without a KV cache.
+
+  The window is padded to its final length once, so every step reuses one compilation:
+  attention is causal, so the padding after position t never changes position t's logits.
+  """
+  length = len(prompt) + num_tokens
+  tokens = np.zeros((1, length), np.int32)
+  tokens[0, :len(prompt)] = prompt
+  for t in range(len(prompt), length):
+    h = compressed_hidden(model_cfg, params, ffns, tokens, batch_size=1,
+                          implementation=implementation)
+    tokens[0, t] = int(jnp.argmax(llama.logits_from_hidden(model_cfg, params, h[:, t - 1])))
+  return tokens[0, len(prompt):].tolist()
+
+
 def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
                  calib_windows: jax.Array, eval_windows: jax.Array, cfg: CompressionConfig,
                  *, layers: Sequence[int] | None = None, batch_size: int = 8,
                  layer_hook: LayerHook | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> PipelineResult:
+                 progress: Callable[[int, int], None] | None = None,
+                 keep_ffns: bool = False) -> PipelineResult:
   """Compresses the FFNs of `layers` block by block and returns the held-out perplexity.
 
   Args:
@@ -312,6 +396,7 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
     layer_hook: optional (layer, block, x, ffn, info) -> dict, called after each compressed
       layer with its calibration FFN input x [tokens, d]; its dicts make `layers`.
     progress: optional (layers_done, total) callback.
+    keep_ffns: return the compressed FFNs (the model, for saving) in the result.
 
   Returns:
     PipelineResult.
@@ -328,6 +413,8 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
       compress_ffn_single)
 
   ffn_residual = functools.partial(_ffn_residual, implementation=cfg.expert_matmul)
+  step_kw = dict(batch_size=batch_size, implementation=cfg.expert_matmul)
+  kept = {} if keep_ffns else None
 
   h_eval = _batched(lambda t: _EMBED(params, t), [jnp.asarray(eval_windows)], batch_size)
   last = layers[-1] if layers else -1
@@ -337,10 +424,9 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
   for layer in range(n_layers):
     block = llama.block_params(params, layer)
     if layer not in layers:
-      run = lambda h, b=block: _DENSE_BLOCK(model_cfg, b, h)  # noqa: E731
-      h_eval = _batched(run, [h_eval], batch_size)
+      h_eval = _block_step(model_cfg, block, None, h_eval, **step_kw)
       if h_cal is not None and layer < last:
-        h_cal = _batched(run, [h_cal], batch_size)
+        h_cal = _block_step(model_cfg, block, None, h_cal, **step_kw)
       elif layer >= last:
         h_cal = None
       continue
@@ -355,17 +441,14 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
     step = lambda h, x, f=ffn: ffn_residual(f, h, x)  # noqa: E731
     h_cal = _batched(step, [a_cal, x_cal], batch_size) if layer < last else None
     del a_cal, x_cal
-    a_eval = _batched(attn, [h_eval], batch_size)
-    h_eval = _batched(step, [a_eval, _batched(norm, [a_eval], batch_size)], batch_size)
-    del ffn, a_eval
+    h_eval = _block_step(model_cfg, block, ffn, h_eval, **step_kw)
+    if kept is not None:
+      kept[layer] = strip_kernel_metadata(ffn)
+    del ffn
     if progress is not None:
       progress(layers.index(layer) + 1, len(layers))
-  eval_windows = jnp.asarray(eval_windows)
-  total = sum(float(_nll_sum(model_cfg, params, h_eval[s:s + batch_size],
-                             eval_windows[s:s + batch_size]))
-              for s in range(0, eval_windows.shape[0], batch_size))
-  mean_nll = total / (eval_windows.shape[0] * (eval_windows.shape[1] - 1))
-  return PipelineResult(float(np.exp(mean_nll)), mean_nll, records)
+  mean_nll = _mean_nll(model_cfg, params, h_eval, jnp.asarray(eval_windows), batch_size)
+  return PipelineResult(float(np.exp(mean_nll)), mean_nll, records, kept)
 
 
 def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,

@@ -93,6 +93,29 @@ def test_sequential_calibration_sees_compressed_earlier_blocks(setup):
                              rtol=1e-4)
 
 
+def test_the_kept_model_reproduces_the_run_and_generates_like_the_dense_forward(setup):
+  """keep_ffns: the compressed FFNs (the model) come back beside the perplexity, and
+  evaluating them again gives the run's perplexity exactly. With no compressed layer, the
+  padded greedy decoder continues a prompt as llama.greedy_decode does."""
+  params, calib, held_out = setup
+  cfg = se.CompressionConfig(method="sparse_expansion", sparsity=0.5, num_experts=2,
+                             kmeans_restarts=1, kmeans_iters=3)
+  result = se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg,
+                           layers=[1], batch_size=BATCH, keep_ffns=True)
+  assert sorted(result.ffns) == [1] and result.ffns[1]["w_gate"].num_experts == 2
+  assert all(bank.block_mask is None for bank in result.ffns[1].values())
+  again = se.compressed_perplexity(CFG, params, result.ffns, held_out, batch_size=BATCH)
+  assert again == (result.perplexity, result.mean_nll)
+  assert se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg, layers=[1],
+                         batch_size=BATCH).ffns is None
+  prompt = np.asarray(held_out[0, :5])
+  np.testing.assert_array_equal(se.compressed_greedy(CFG, params, {}, prompt, 4),
+                                llama.greedy_decode(CFG, params, prompt, 4))
+  # The compressed model's own continuation: 4 tokens of the vocabulary.
+  tokens = se.compressed_greedy(CFG, params, result.ffns, prompt, 4)
+  assert len(tokens) == 4 and all(0 <= t < CFG.vocab_size for t in tokens)
+
+
 def test_expert_ffn_matches_per_token_reference(setup):
   params, calib, _ = setup
   block = llama.block_params(params, 0)
