@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import resource
 import time
 
@@ -27,8 +28,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from experiments import common, llm_setup
+from experiments import common, compressed_models, llm_setup
 from fpe_jax import sparse_expansion as se
+from fpe_jax.data import gguf_loader
 from fpe_jax.models.llama import LlamaConfig
 
 FLAGS = flags.FLAGS
@@ -39,6 +41,9 @@ flags.DEFINE_list("methods", ["dense", "magnitude", "wanda", "sparsegpt", "spars
 flags.DEFINE_list("sparsities", ["0.5", "0.7"], "Unstructured FFN sparsities, each in [0, 1).")
 flags.DEFINE_list("n_m", [], "Semi-structured patterns n:m (prune n of every m), e.g. 2:4.")
 flags.DEFINE_list("num_experts", ["2", "4"], "K values for sparse_expansion, each >= 1.")
+flags.DEFINE_bool("save_models", False, "Save each configuration's compressed model under "
+                  "the run directory, models/<configuration>/ (experiments.compressed_models; "
+                  "experiments.lm_eval evaluates and generates with one).")
 
 common.flag_validator("sparsities", lambda v: (s := common.float_list(v)) is not None and all(
     0.0 <= x < 1.0 for x in s), "each must be a number in [0, 1)")
@@ -84,12 +89,14 @@ class Config:
     methods: methods of the sweep, from se.METHODS.
     patterns: --sparsities (unstructured), then --n_m (semi-structured).
     num_experts: the K values of sparse_expansion, sorted, without repeats.
+    save_models: save each configuration's compressed model.
   """
 
   setup: llm_setup.SetupConfig
   methods: tuple[str, ...]
   patterns: tuple[Pattern, ...]
   num_experts: tuple[int, ...]
+  save_models: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +131,8 @@ def config_from_flags() -> Config:
                   f"lists one pattern twice ({', '.join(FLAGS.n_m)})")
   config = Config(setup=llm_setup.setup_config(FLAGS), methods=tuple(FLAGS.methods),
                   patterns=tuple(patterns),
-                  num_experts=tuple(sorted(set(common.int_list(FLAGS.num_experts)))))
+                  num_experts=tuple(sorted(set(common.int_list(FLAGS.num_experts)))),
+                  save_models=FLAGS.save_models)
   for run in configurations(config):
     llm_setup.check_calibration_size(config.setup, run.num_experts)
   return config
@@ -234,6 +242,10 @@ def main(argv):
   ckpt, calib, held_out, layers, run_dir, done = llm_setup.prepare(
       "sparse_expansion", __name__, config.setup,
       check_model=functools.partial(check_patterns, config.patterns))
+  base_model = None
+  if config.save_models:  # what every saved model records of the GGUF it was made from
+    path = config.setup.model_path or str(gguf_loader.smollm2_gguf_path())
+    base_model = {"path": path, "sha256": compressed_models.file_sha256(path)}
   progress = common.Progress("sparse_expansion", len(runs), unit="runs")
   t0, rows = time.perf_counter(), []
   for run in runs:
@@ -245,9 +257,16 @@ def main(argv):
     # PRNG: every configuration starts from the same key, jax.random.key(--seed).
     result = se.run_pipeline(jax.random.key(config.setup.seed), ckpt.config, ckpt.params, calib,
                              held_out, compression_config(config, run), layers=layers,
-                             batch_size=config.setup.batch_size)
+                             batch_size=config.setup.batch_size, keep_ffns=config.save_models)
     row = {**run.record(), "perplexity": result.perplexity, "mean_nll": result.mean_nll,
            "seconds": time.perf_counter() - start}
+    if config.save_models:  # saved before it is logged: a logged configuration has its model
+      compressed_models.save(
+          os.path.join(run_dir.path, "models", compressed_models.folder_name(run.name)),
+          result.ffns,
+          {"configuration": run.record(), "setup": common.config_record(config.setup),
+           "base_model": base_model, "perplexity": result.perplexity,
+           "mean_nll": result.mean_nll})
     run_dir.log(row)
     rows.append(row)
     progress.advance(1, f"{run.name}: ppl {result.perplexity:.2f}")

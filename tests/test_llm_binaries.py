@@ -1,18 +1,23 @@
-"""The SmolLM2 binaries end to end on one block and a few short windows: a tiny run, and a
-run SIGKILLed after its first finished configuration, resumed to the same rows."""
+"""The SmolLM2 binaries end to end on one block and a few short windows: a tiny run, a run
+SIGKILLed after its first finished configuration, resumed to the same rows, and the saved
+compressed models evaluated again by experiments.lm_eval in a fresh process."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 from binaries import ROOT, kill_after_logged, subprocess_env
 
+from experiments import compressed_models
+
 TINY = ["--layers=0", "--calib_windows=4", "--calib_window=64", "--eval_windows=2",
         "--eval_window=64", "--kmeans_restarts=2", "--kmeans_iters=5", "--run_name=tiny"]
 RUNS = {
     "sparse_expansion": TINY + ["--methods=dense,sparsegpt,sparse_expansion",
-                                "--sparsities=0.5", "--n_m=2:4", "--num_experts=2"],
+                                "--sparsities=0.5", "--n_m=2:4", "--num_experts=2",
+                                "--save_models"],
     "wasserstein": TINY + ["--criteria=random", "--num_experts=2"],
 }
 
@@ -38,11 +43,31 @@ def _figures(results):
   return strip({k: v for k, v in results.items() if k != "flags"})
 
 
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory):
+  """binary -> the run folder of its uninterrupted tiny run (run once per binary)."""
+  runs = {}
+
+  def run(binary):
+    if binary not in runs:
+      workdir = tmp_path_factory.mktemp(f"clean_{binary}")
+      result = _run(binary, workdir)
+      assert result.returncode == 0, result.stderr[-3000:]
+      runs[binary] = workdir / binary / "tiny"
+    return runs[binary]
+  return run
+
+
+def _saved_perplexities(run_dir):
+  """{model folder: the perplexity its model.json records} of a --save_models run."""
+  return {folder.name: json.loads((folder / "model.json").read_text())["perplexity"]
+          for folder in (run_dir / "models").iterdir()}
+
+
 @pytest.mark.parametrize("binary", sorted(RUNS))
-def test_killed_after_a_configuration_resumes_to_the_uninterrupted_results(tmp_path, binary):
-  clean = _run(binary, tmp_path / "clean")
-  assert clean.returncode == 0, clean.stderr[-3000:]
-  want = json.loads((tmp_path / "clean" / binary / "tiny" / "results.json").read_text())
+def test_killed_after_a_configuration_resumes_to_the_uninterrupted_results(tmp_path, binary,
+                                                                          clean_run):
+  want = json.loads((clean_run(binary) / "results.json").read_text())
 
   run = tmp_path / "killed" / binary / "tiny"
   kill_after_logged(f"experiments.{binary}", [f"--workdir={tmp_path / 'killed'}",
@@ -56,3 +81,53 @@ def test_killed_after_a_configuration_resumes_to_the_uninterrupted_results(tmp_p
   names = [json.loads(line).get("name") for line in
            (run / "metrics.jsonl").read_text().splitlines()]
   assert len(names) == len(set(names))  # each configuration logged once
+  if binary == "sparse_expansion":  # every configuration's model, saved before and after
+    assert _saved_perplexities(run) == _saved_perplexities(clean_run(binary))
+
+
+def _lm_eval(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.lm_eval", *args], cwd=ROOT,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=900)
+
+
+def test_a_saved_model_reloads_in_a_fresh_process_to_the_reported_perplexity(tmp_path,
+                                                                             clean_run):
+  run = clean_run("sparse_expansion")
+  rows = {r["name"]: r for r in json.loads((run / "results.json").read_text())["rows"]}
+  assert _saved_perplexities(run) == {
+      compressed_models.folder_name(name): row["perplexity"] for name, row in rows.items()}
+  model = run / "models" / compressed_models.folder_name("sparse_expansion/50%/K=2")
+  out = tmp_path / "eval.json"
+  result = _lm_eval(f"--model={model}", "--num_tokens=4", f"--out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(out.read_text())
+  # The same float, not a close one: the same blocks, batches and compiled steps.
+  assert figures["perplexity"] == rows["sparse_expansion/50%/K=2"]["perplexity"]
+  assert "equal" in result.stdout and len(figures["continuation_tokens"]) == 4
+  assert figures["continuation"].strip()
+
+
+def test_a_bad_saved_model_is_refused_on_one_line(tmp_path, clean_run):
+  model = clean_run("sparse_expansion") / "models" / "sparsegpt__50pct"
+  copy = tmp_path / "copy"
+  shutil.copytree(model, copy)
+  other_base = tmp_path / "other_base"
+  shutil.copytree(model, other_base)
+  record = json.loads((other_base / "model.json").read_text())
+  record["base_model"]["sha256"] = "0" * 64
+  (other_base / "model.json").write_text(json.dumps(record))
+  # Truncate the largest file of the orbax checkpoint.
+  largest = max((p for p in (copy / "ffns").rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+  for args, flag, words in [
+      ([f"--model={tmp_path / 'nowhere'}"], "--model", "not a saved model"),
+      ([f"--model={other_base}"], "--model", "another base model"),
+      ([f"--model={copy}"], "--model", "damaged"),
+      ([f"--model={model}", f"--model_path={tmp_path / 'no.gguf'}"], "--model_path", "not a"),
+      ([f"--model={model}", f"--out={copy / 'model.json'}"], "--out", "exists"),
+  ]:
+    result = _lm_eval(*args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"error: {flag}") and words in lines[0], lines[0]
