@@ -29,6 +29,7 @@ import numpy as np
 from absl import flags
 
 from experiments import common, compressed_models, llm_setup
+from fpe_jax import experts
 from fpe_jax import sparse_expansion as se
 from fpe_jax.data import gguf_loader
 from fpe_jax.models.llama import LlamaConfig
@@ -176,6 +177,17 @@ def table(rows: list[dict], cols: list[str]) -> str:
   return "\n".join(lines)
 
 
+def bytes_table(rows: list[dict]) -> str:
+  """Markdown table of what each configuration's compressed FFN weights take (MiB)."""
+  formats = ["dense", "stored", "csr", "bitmask", "n_m", "router"]
+  lines = ["| configuration | " + " | ".join(formats) + " |", "|---" * (len(formats) + 1) + "|"]
+  for row in rows:
+    sizes = row.get("ffn_bytes", {})
+    cells = [f"{sizes[f] / 2**20:.2f}" if f in sizes else "" for f in formats]
+    lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def plots(rows: list[dict], pats: list[str], folder: str) -> list[str]:
   """Perplexity vs K per pattern label (SparseGPT as K=1) and the methods side by side."""
   import matplotlib  # noqa: PLC0415 (plots only)
@@ -221,6 +233,30 @@ def plots(rows: list[dict], pats: list[str], folder: str) -> list[str]:
   return written
 
 
+def _layer_bytes(n_m, layer, block, x, ffn, info) -> dict:
+  """run_pipeline's layer hook: the storage bytes of each compressed FFN bank (the router
+  that w_up shares with w_gate counted once)."""
+  del block, x, info
+  sizes = [experts.storage_bytes(bank, n_m=n_m) for bank in ffn.values()]
+  if ffn["w_up"].router is ffn["w_gate"].router:
+    sizes[list(ffn).index("w_up")]["router"] = 0
+  return {"layer": layer, "bytes": sizes}
+
+
+def ffn_bytes(layer_records: list[dict], model: LlamaConfig, layers: list[int]) -> dict:
+  """Bytes of the compressed blocks' FFN weights, summed over layers and matrices:
+  "dense" (what they cost uncompressed, float32), and for a compressed configuration
+  "stored" (its K dense copies), "csr", "bitmask", "n_m" (experts.storage_bytes) and
+  "router". The dense row has "dense" only."""
+  totals = {"dense": len(layers) * 3 * model.d_model * model.d_ff * 4}
+  for record in layer_records:
+    for bank_bytes in record["bytes"]:
+      for fmt, size in bank_bytes.items():
+        if fmt != "dense":
+          totals[fmt] = totals.get(fmt, 0) + size
+  return totals
+
+
 def check_patterns(patterns, model: LlamaConfig) -> None:
   """Every n:m pattern groups whole rows of the FFN matrices it prunes: m divides their
   inputs (d_model for gate and up, d_ff for down). Checked before anything runs, not when
@@ -257,8 +293,10 @@ def main(argv):
     # PRNG: every configuration starts from the same key, jax.random.key(--seed).
     result = se.run_pipeline(jax.random.key(config.setup.seed), ckpt.config, ckpt.params, calib,
                              held_out, compression_config(config, run), layers=layers,
-                             batch_size=config.setup.batch_size, keep_ffns=config.save_models)
+                             batch_size=config.setup.batch_size, keep_ffns=config.save_models,
+                             layer_hook=functools.partial(_layer_bytes, run.pattern.n_m))
     row = {**run.record(), "perplexity": result.perplexity, "mean_nll": result.mean_nll,
+           "ffn_bytes": ffn_bytes(result.layers, ckpt.config, layers),
            "seconds": time.perf_counter() - start}
     if config.save_models:  # saved before it is logged: a logged configuration has its model
       compressed_models.save(
@@ -273,10 +311,14 @@ def main(argv):
   pats = [p.label for p in config.patterns]
   text = table(rows, pats)
   print(text)
+  sizes = bytes_table(rows)
+  print(f"FFN weights of the compressed blocks, MiB (float32; csr, bitmask, n_m: what those "
+        f"formats would take):\n{sizes}")
   written = plots(rows, pats, run_dir.plots)
   peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   results = {"experiment": "sparse_expansion", "flags": run_dir.flags_text.splitlines(),
              "config": common.config_record(config), "rows": rows, "table": text,
+             "bytes_table": sizes,
              "layers": layers, "calibration_tokens": int(calib.size),
              "eval_tokens": int(held_out.size), "peak_rss_mb": peak_mb, "plots": written,
              "caveats": llm_setup.CAVEATS, "seconds": time.perf_counter() - t0}

@@ -44,6 +44,7 @@ them yet.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -97,6 +98,41 @@ class ExpertBank(NamedTuple):
   @property
   def num_experts(self) -> int:
     return self.w.shape[0]
+
+
+def storage_bytes(bank: ExpertBank, *, value_bytes: int = 4,
+                  n_m: tuple[int, int] | None = None) -> dict[str, int]:
+  """Bytes of a bank's weights as it stores them, and as compressed formats would.
+
+  Args:
+    bank: an ExpertBank ([E, d_in, d_out] weights and masks; its router is counted apart).
+    value_bytes: bytes per weight value (4: float32, 2: bf16).
+    n_m: the bank's n:m pattern (n of every m pruned along d_in), if it has one.
+
+  Returns:
+    {"dense": one dense [d_in, d_out] matrix (what the bank replaces),
+     "stored": the E dense copies the bank holds (what the kernels read, zeros included),
+     "csr": per expert, the kept values + a column index each (int16 when d_out <= 2**16,
+       else int32) + d_in + 1 int32 row offsets,
+     "bitmask": per expert, the kept values + one bit per weight,
+     "n_m" (with n_m): the kept values + ceil(log2 m) bits of position each (2:4: 2 bits,
+       the sparse tensor cores' metadata),
+     "router": the router's float32 arrays (0 without one)}.
+  """
+  e, d_in, d_out = bank.w.shape
+  kept = int(np.count_nonzero(np.asarray(bank.mask)))
+  index_bytes = 2 if d_out <= 2**16 else 4
+  out = {
+      "dense": d_in * d_out * value_bytes,
+      "stored": e * d_in * d_out * value_bytes,
+      "csr": kept * (value_bytes + index_bytes) + e * (d_in + 1) * 4,
+      "bitmask": kept * value_bytes + -(-e * d_in * d_out // 8),
+      "router": 0 if bank.router is None else sum(
+          4 * int(np.size(a)) for a in bank.router.values()),
+  }
+  if n_m is not None:
+    out["n_m"] = kept * value_bytes + -(-kept * math.ceil(math.log2(n_m[1])) // 8)
+  return out
 
 
 def single_expert(w: jax.Array, mask: jax.Array | None = None) -> ExpertBank:

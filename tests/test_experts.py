@@ -223,3 +223,22 @@ def test_bad_arguments_raise_one_line_errors(bank, call, match):
   with pytest.raises(ValueError, match=match) as info:
     call(args)
   assert "\n" not in str(info.value)
+
+
+def test_storage_bytes_count_each_format_by_hand():
+  """Two 4x6 experts, 10 and 12 kept weights, float32, a router: every format written out."""
+  mask = np.zeros((2, 4, 6), np.float32)
+  mask[0].flat[:10] = 1
+  mask[1, :, ::2] = 1  # 12 kept: a 1:2 pattern along d_out, fine for counting
+  router = {"mean": jnp.zeros(4), "components": jnp.zeros((4, 2)), "centroids": jnp.zeros((2, 2))}
+  bank = experts.ExpertBank(w=jnp.asarray(mask), mask=jnp.asarray(mask), router=router)
+  got = experts.storage_bytes(bank, n_m=(2, 4))
+  assert got == {
+      "dense": 4 * 6 * 4,
+      "stored": 2 * 4 * 6 * 4,
+      "csr": 22 * (4 + 2) + 2 * 5 * 4,   # values + int16 column ids + row offsets
+      "bitmask": 22 * 4 + 6,             # values + 48 bits
+      "n_m": 22 * 4 + 6,                 # values + 2 bits each (44 bits -> 6 bytes)
+      "router": 4 * (4 + 8 + 4),
+  }
+  assert "n_m" not in experts.storage_bytes(experts.single_expert(jnp.ones((4, 6))))
