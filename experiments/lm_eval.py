@@ -39,6 +39,8 @@ flags.DEFINE_integer("batch_size", 0, "Windows per jitted block call (0: the run
 flags.DEFINE_enum("expert_matmul", None, implementations.IMPLEMENTATIONS,
                   "The expert apply's implementation (default: the run's; dense: auto).")
 flags.DEFINE_string("out", "", "Also write the figures to this JSON file (must not exist).")
+flags.DEFINE_bool("timing", False, "Also time prefill (the held-out windows) and greedy "
+                  "decode of the model and of the dense model, in this process.")
 
 common.flag_validator("num_tokens", lambda v: v >= 0, "must be >= 0")
 for _name in ("eval_windows", "eval_window", "batch_size"):
@@ -66,6 +68,35 @@ def _setup(record: dict | None) -> llm_setup.SetupConfig:
     base = ""  # the recorded file moved: the package's model, checked by its sha256 below
   fields["model_path"] = base
   return llm_setup.SetupConfig(**fields)
+
+
+def _timing(ckpt, ffns: dict, held_out, prompt: list[int], setup) -> dict:
+  """Tokens/s of prefill (every held-out window, in the run's batches) and of greedy decode
+  (batch 1, --num_tokens after the prompt, no KV cache: each token recomputes the padded
+  window), for the model and for the dense model, by the same code on the same tokens.
+  Each is timed on its second call: the first compiles."""
+  def seconds(fn):
+    fn()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+  kw = dict(implementation=setup.expert_matmul)
+  out = {}
+  for name, model_ffns in (("model", ffns), ("dense", {})):
+    prefill = seconds(lambda f=model_ffns: se.compressed_perplexity(
+        ckpt.config, ckpt.params, f, held_out, batch_size=setup.batch_size, **kw))
+    decode = seconds(lambda f=model_ffns: se.compressed_greedy(
+        ckpt.config, ckpt.params, f, prompt, FLAGS.num_tokens, **kw)) if FLAGS.num_tokens else 0
+    out[name] = {"prefill_tokens_per_s": held_out.size / prefill,
+                 "decode_tokens_per_s": FLAGS.num_tokens / decode if decode else None}
+  for name, t in out.items():
+    decode = t["decode_tokens_per_s"]
+    print(f"{name:>5}: prefill {t['prefill_tokens_per_s']:,.0f} tokens/s, greedy decode "
+          + (f"{decode:.2f} tokens/s (no KV cache)" if decode else "not run"), flush=True)
+  out["prefill_speedup_vs_dense"] = (out["model"]["prefill_tokens_per_s"]
+                                     / out["dense"]["prefill_tokens_per_s"])
+  return out
 
 
 def main(argv):
@@ -110,8 +141,10 @@ def main(argv):
                                       implementation=setup.expert_matmul)
   text = ckpt.tokenizer.decode(continuation)
   print(f"greedy continuation of {FLAGS.prompt!r}: {text!r}", flush=True)
+  timing = _timing(ckpt, ffns, held_out, prompt, setup) if FLAGS.timing else None
   if FLAGS.out:
     common.write_text(FLAGS.out, json.dumps({
+        "timing": timing,
         "model": FLAGS.model, "name": name, "perplexity": perplexity, "mean_nll": mean_nll,
         "reported_perplexity": reported, "eval_tokens": int(held_out.size),
         "setup": common.config_record(setup), "prompt": FLAGS.prompt,

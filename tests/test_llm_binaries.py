@@ -98,13 +98,16 @@ def test_a_saved_model_reloads_in_a_fresh_process_to_the_reported_perplexity(tmp
       compressed_models.folder_name(name): row["perplexity"] for name, row in rows.items()}
   model = run / "models" / compressed_models.folder_name("sparse_expansion/50%/K=2")
   out = tmp_path / "eval.json"
-  result = _lm_eval(f"--model={model}", "--num_tokens=4", f"--out={out}")
+  result = _lm_eval(f"--model={model}", "--num_tokens=4", "--timing", f"--out={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   figures = json.loads(out.read_text())
   # The same float, not a close one: the same blocks, batches and compiled steps.
   assert figures["perplexity"] == rows["sparse_expansion/50%/K=2"]["perplexity"]
   assert "equal" in result.stdout and len(figures["continuation_tokens"]) == 4
   assert figures["continuation"].strip()
+  for name in ("model", "dense"):  # measured, not asserted: timings are the bench's business
+    assert figures["timing"][name]["prefill_tokens_per_s"] > 0
+    assert figures["timing"][name]["decode_tokens_per_s"] > 0
 
 
 def test_a_bad_saved_model_is_refused_on_one_line(tmp_path, clean_run):
