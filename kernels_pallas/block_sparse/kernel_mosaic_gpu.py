@@ -90,7 +90,6 @@ def _block_list_matmul(a_rows, w, lists, counts, layout, *, bm: int, bk: int, bn
   dtype = a_rows.dtype
   itemsize = jnp.dtype(dtype).itemsize
   steps = _pipeline_steps(bm, bk, bn, out_block, itemsize)
-  w_spec_shape = (bk, bn)
 
   def body(tg_ref, na_ref, list_ref, count_ref, a_gmem, w_gmem, o_gmem):
     @plgpu.nd_loop((tiles * out_blocks,), collective_axes="sm")
@@ -115,7 +114,7 @@ def _block_list_matmul(a_rows, w, lists, counts, layout, *, bm: int, bk: int, bn
               in_specs=[
                   plgpu.BlockSpec((bm, a_block), lambda t: (i, list_ref[base + t]),
                                   transforms=_swizzled(a_block, dtype)),
-                  plgpu.BlockSpec(w_spec_shape, w_index, transforms=_swizzled(bn, dtype)),
+                  plgpu.BlockSpec((bk, bn), w_index, transforms=_swizzled(bn, dtype)),
               ],
               max_concurrent_steps=steps,
           )(a_gmem, w_gmem.at[g])
@@ -154,8 +153,11 @@ def _block_list_matmul(a_rows, w, lists, counts, layout, *, bm: int, bk: int, bn
 
 def forward(x_rows, w, col_rows, col_counts, layout, *, bm: int, bk: int, bn: int,
             interpret: bool = False):
-  """y_rows = per-tile x_rows @ w[g] over the non-empty blocks (w premasked); see
-  kernel_tpu.forward for the arguments."""
+  """y_rows = per-tile x_rows @ w[g] over the non-empty blocks, w premasked.
+
+  x_rows [R, Kp], w [G, Kp, Np], col_rows [G * Nb * max_col] and col_counts [G * Nb]
+  (flattened metadata) and layout as in kernel_tpu.forward; bm rows per tile; (bk, bn)
+  the weight block. Returns [R, Np] in x_rows' dtype (f32 accumulation)."""
   return _block_list_matmul(x_rows, w, col_rows, col_counts, layout, bm=bm, bk=bk, bn=bn,
                             transpose_w=False, interpret=interpret,
                             name="block_sparse_forward_mosaic_gpu")
@@ -163,8 +165,10 @@ def forward(x_rows, w, col_rows, col_counts, layout, *, bm: int, bk: int, bn: in
 
 def input_grad(dy_rows, w, row_cols, row_counts, layout, *, bm: int, bk: int, bn: int,
                interpret: bool = False):
-  """dx_rows = per-tile dy_rows @ w[g].T over the non-empty blocks (w premasked); see
-  kernel_tpu.input_grad for the arguments."""
+  """dx_rows = per-tile dy_rows @ w[g].T over the non-empty blocks, w premasked.
+
+  dy_rows [R, Np], w [G, Kp, Np], row_cols [G * Kb * max_row] and row_counts [G * Kb] and
+  layout as in kernel_tpu.input_grad. Returns [R, Kp] in dy_rows' dtype."""
   return _block_list_matmul(dy_rows, w, row_cols, row_counts, layout, bm=bm, bk=bk, bn=bn,
                             transpose_w=True, interpret=interpret,
                             name="block_sparse_input_grad_mosaic_gpu")
