@@ -7,8 +7,11 @@ the FFNs of --layers block by block (fpe_jax.sparse_expansion) on random calibra
 windows of five Austen novels and is scored on consecutive windows of Persuasion. The
 dense model is scored once. Each finished configuration is one line of metrics.jsonl; a
 restarted run skips those. results.json holds the config (the flags as read, once, by
-`config_from_flags`), the rows, the table and the caveats; plots/ holds perplexity vs K per
-sparsity and the methods side by side.
+`config_from_flags`), the rows (each with its compressed FFNs' bytes, `ffn_bytes`), the
+perplexity and bytes tables and the caveats; plots/ holds perplexity vs K per sparsity and
+the methods side by side. With --save_models each configuration's compressed model is
+saved, before its line is logged, under models/ (experiments.compressed_models), for
+experiments.lm_eval.
 
 PRNG streams: the calibration windows are drawn by `numpy.random.default_rng(--seed)`
 (fpe_jax.data.austen.random_windows); every configuration's pipeline starts from the same
