@@ -5,7 +5,7 @@ models/<configuration>/ (`folder_name`: "sparse_expansion__50pct__K=2") holding
   model.json  what the model is: its configuration, the compressed layers, the run's
               setup (windows, seed, batch size: what `experiments.lm_eval` needs to
               reproduce the perplexity), the base GGUF's sha256, the perplexity the run
-              reported, and the sha256 of every array saved;
+              reported, and the sha256 of every array and of every file saved;
   ffns/       the orbax checkpoint {"layer_<l>": {"w_gate" | "w_up" | "w_down":
               {"w", "mask"[, "router": {"mean", "components", "centroids"}]}}}.
 A model is written to <folder>.tmp and renamed when complete, so a folder that exists is
@@ -76,6 +76,13 @@ def _arrays_sha256(tree: dict) -> str:
   return digest.hexdigest()
 
 
+def _files_sha256(folder: str) -> dict[str, str]:
+  """{path relative to folder: sha256} of every file under folder ({} if none)."""
+  return {os.path.relpath(os.path.join(root, name), folder):
+          file_sha256(os.path.join(root, name))
+          for root, _, names in os.walk(folder) for name in sorted(names)}
+
+
 def save(folder: str, ffns: dict[int, Params], record: dict) -> None:
   """Writes the model ({layer: ffn}) and its record (configuration, setup, base model,
   perplexity) to `folder`, atomically: into folder.tmp, renamed when complete."""
@@ -84,10 +91,13 @@ def save(folder: str, ffns: dict[int, Params], record: dict) -> None:
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   if tree:
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(os.path.join(tmp, "ffns")), tree)
-    checkpointer.wait_until_finished()
-  meta = {**record, "layers": sorted(ffns), "arrays_sha256": _arrays_sha256(tree)}
+    # Closed as it leaves the block: orbax's threads must not outlive the call (at exit
+    # they print "Event loop is closed" tracebacks under the one-line errors).
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(os.path.abspath(os.path.join(tmp, "ffns")), tree)
+      checkpointer.wait_until_finished()
+  meta = {**record, "layers": sorted(ffns), "arrays_sha256": _arrays_sha256(tree),
+          "files_sha256": _files_sha256(os.path.join(tmp, "ffns"))}
   with open(os.path.join(tmp, "model.json"), "w") as f:
     json.dump(meta, f, indent=1)
   shutil.rmtree(folder, ignore_errors=True)
@@ -124,10 +134,19 @@ def load(folder: str, base_sha256: str) -> tuple[dict[int, Params], dict]:
     raise ValueError(f"{folder} was saved from another base model (GGUF sha256 "
                      f"{str(saved_base)[:12]}..., the loaded one is {base_sha256[:12]}...): "
                      "give its --model_path")
+  # The files first: a truncated or altered checkpoint is refused before orbax reads it
+  # (orbax's threads would print tracebacks at exit under the one-line error).
+  files = os.path.join(folder, "ffns")
+  for name, want in meta.get("files_sha256", {}).items():
+    path = os.path.join(files, name)
+    if not os.path.isfile(path) or file_sha256(path) != want:
+      raise ValueError(f"the checkpoint in {folder} is damaged or truncated ({name} is missing "
+                       "or changed); rerun the configuration")
   tree = {}
   if meta["layers"]:
     try:
-      tree = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(folder, "ffns")))
+      with ocp.StandardCheckpointer() as checkpointer:  # closed even when restore fails
+        tree = checkpointer.restore(os.path.abspath(os.path.join(folder, "ffns")))
     except Exception as e:  # noqa: BLE001 -- orbax raises many types for a damaged checkpoint
       raise ValueError(f"the checkpoint in {folder} does not restore, truncated or damaged "
                        f"({type(e).__name__}); rerun the configuration") from None
