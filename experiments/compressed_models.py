@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fpe_jax import experts
+from fpe_jax.data.hashing import file_digest
 
 Params = dict
 _BANKS = ("w_gate", "w_up", "w_down")
@@ -37,11 +38,7 @@ def folder_name(configuration: str) -> str:
 
 
 def file_sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
+  return file_digest(path).hexdigest()
 
 
 def _tree(ffns: dict[int, Params]) -> dict:

