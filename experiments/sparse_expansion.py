@@ -11,7 +11,9 @@ restarted run skips those. results.json holds the config (the flags as read, onc
 perplexity and bytes tables and the caveats; plots/ holds perplexity vs K per sparsity and
 the methods side by side. With --save_models each configuration's compressed model is
 saved, before its line is logged, under models/ (experiments.compressed_models), for
-experiments.lm_eval.
+experiments.lm_eval. Within a configuration, the pipeline's state is checkpointed after
+every compressed block (checkpoints/<configuration>/): a killed run resumes after its
+last finished block, to the same perplexity.
 
 PRNG streams: the calibration windows are drawn by `numpy.random.default_rng(--seed)`
 (fpe_jax.data.austen.random_windows); every configuration's pipeline starts from the same
@@ -25,6 +27,7 @@ import dataclasses
 import functools
 import os
 import resource
+import shutil
 import time
 
 import jax
@@ -288,16 +291,26 @@ def main(argv):
   progress = common.Progress("sparse_expansion", len(runs), unit="runs")
   t0, rows = time.perf_counter(), []
   for run in runs:
+    blocks_dir = os.path.join(run_dir.checkpoints, compressed_models.folder_name(run.name))
     if run.name in done:  # restored from a previous run: done, but not in the rate
+      shutil.rmtree(blocks_dir, ignore_errors=True)  # killed between its log and this
       rows.append(done[run.name])
       progress.skip(1)
       continue
     start = time.perf_counter()
+    blocks = compressed_models.BlockCheckpoints(blocks_dir)
+    resume = blocks.latest(keep_ffns=config.save_models)
+    if resume is not None:
+      print(f"{run.name}: resuming after block {resume.blocks_done}/{len(layers)}", flush=True)
+    block_progress = common.Progress(run.name, len(layers), unit="blocks")
+    block_progress.skip(resume.blocks_done if resume else 0)
     # PRNG: every configuration starts from the same key, jax.random.key(--seed).
     result = se.run_pipeline(jax.random.key(config.setup.seed), ckpt.config, ckpt.params, calib,
                              held_out, compression_config(config, run), layers=layers,
                              batch_size=config.setup.batch_size, keep_ffns=config.save_models,
-                             layer_hook=functools.partial(_layer_bytes, run.pattern.n_m))
+                             layer_hook=functools.partial(_layer_bytes, run.pattern.n_m),
+                             resume=resume, on_block=blocks.save,
+                             progress=lambda done, _: block_progress.update(done))
     row = {**run.record(), "perplexity": result.perplexity, "mean_nll": result.mean_nll,
            "ffn_bytes": ffn_bytes(result.layers, ckpt.config, layers),
            "seconds": time.perf_counter() - start}
@@ -309,6 +322,7 @@ def main(argv):
            "base_model": base_model, "perplexity": result.perplexity,
            "mean_nll": result.mean_nll})
     run_dir.log(row)
+    blocks.delete()
     rows.append(row)
     progress.advance(1, f"{run.name}: ppl {result.perplexity:.2f}")
   pats = [p.label for p in config.patterns]

@@ -37,12 +37,14 @@ class Checkpoints:
       self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
       self._manager.wait_until_finished()
 
-  def restore(self, step: int, like):
-    """Restores step `step` into the structure, shapes and dtypes of `like`."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  def restore(self, step: int, like=None):
+    """Restores step `step` into the structure, shapes and dtypes of `like`, or as it was
+    saved (numpy arrays) when `like` is None (a state whose shapes vary, such as encoded
+    text)."""
+    abstract = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-  def restore_latest(self, like) -> tuple[int | None, object]:
+  def restore_latest(self, like=None) -> tuple[int | None, object]:
     """The newest step that restores, and its state: (None, like) if none does.
 
     A step that fails to restore is reported on stderr and skipped, so one damaged

@@ -266,6 +266,29 @@ class PipelineResult:
   ffns: dict[int, Params] | None = None
 
 
+
+@dataclasses.dataclass
+class PipelineState:
+  """What `run_pipeline` carries from one compressed block to the next: all a resumed run
+  needs to continue after its last finished block and end with the same numbers.
+
+  Attributes:
+    blocks_done: compressed blocks finished, in the order of `layers`.
+    key: the PRNG key the next compressed block splits.
+    h_cal: [n_calib, seq_c, d_model] calibration hidden states after the last finished
+      block (None once no compressed block is left).
+    h_eval: [n_eval, seq_e, d_model] held-out hidden states after it.
+    records: the layer hook's dicts so far.
+    ffns: with `keep_ffns`, {layer: ffn} of the blocks finished so far; else None.
+  """
+  blocks_done: int
+  key: jax.Array
+  h_cal: jax.Array | None
+  h_eval: jax.Array
+  records: list[dict]
+  ffns: dict[int, Params] | None = None
+
+
 LayerHook = Callable[[int, Params, jax.Array, Params, dict], dict]
 
 # Module-level jits (no per-call lambdas, params as arguments, not baked-in constants): every
@@ -379,7 +402,8 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
                  *, layers: Sequence[int] | None = None, batch_size: int = 8,
                  layer_hook: LayerHook | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 keep_ffns: bool = False) -> PipelineResult:
+                 keep_ffns: bool = False, resume: PipelineState | None = None,
+                 on_block: Callable[[PipelineState], None] | None = None) -> PipelineResult:
   """Compresses the FFNs of `layers` block by block and returns the held-out perplexity.
 
   Args:
@@ -397,6 +421,10 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
       layer with its calibration FFN input x [tokens, d]; its dicts make `layers`.
     progress: optional (layers_done, total) callback.
     keep_ffns: return the compressed FFNs (the model, for saving) in the result.
+    resume: a state `on_block` was given by an earlier call with the same arguments: the
+      pipeline continues after its last finished block, to the same result.
+    on_block: optional callback with the state after each compressed block (a binary
+      checkpoints it, so a killed run resumes there).
 
   Returns:
     PipelineResult.
@@ -414,14 +442,22 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
 
   ffn_residual = functools.partial(_ffn_residual, implementation=cfg.expert_matmul)
   step_kw = dict(batch_size=batch_size, implementation=cfg.expert_matmul)
-  kept = {} if keep_ffns else None
-
-  h_eval = _batched(lambda t: _EMBED(params, t), [jnp.asarray(eval_windows)], batch_size)
+  if resume is None:
+    embed = lambda t: _EMBED(params, t)  # noqa: E731
+    resume = PipelineState(
+        0, key, _batched(embed, [jnp.asarray(calib_windows)], batch_size) if layers else None,
+        _batched(embed, [jnp.asarray(eval_windows)], batch_size), [],
+        {} if keep_ffns else None)
+  elif not 0 <= resume.blocks_done <= len(layers) or (resume.ffns is None) == keep_ffns:
+    raise ValueError(f"resume: a state of {resume.blocks_done} blocks done (ffns kept: "
+                     f"{resume.ffns is not None}) does not fit layers={layers} with "
+                     f"keep_ffns={keep_ffns}")
+  key, h_cal, h_eval = resume.key, resume.h_cal, resume.h_eval
+  records = list(resume.records)
+  kept = None if resume.ffns is None else dict(resume.ffns)
+  first = layers[resume.blocks_done - 1] + 1 if resume.blocks_done else 0
   last = layers[-1] if layers else -1
-  h_cal = _batched(lambda t: _EMBED(params, t), [jnp.asarray(calib_windows)], batch_size) if (
-      layers) else None
-  records = []
-  for layer in range(n_layers):
+  for layer in range(first, n_layers):
     block = llama.block_params(params, layer)
     if layer not in layers:
       h_eval = _block_step(model_cfg, block, None, h_eval, **step_kw)
@@ -445,8 +481,12 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
     if kept is not None:
       kept[layer] = strip_kernel_metadata(ffn)
     del ffn
+    done = layers.index(layer) + 1
+    if on_block is not None:
+      on_block(PipelineState(done, key, h_cal, h_eval, list(records),
+                             None if kept is None else dict(kept)))
     if progress is not None:
-      progress(layers.index(layer) + 1, len(layers))
+      progress(done, len(layers))
   mean_nll = _mean_nll(model_cfg, params, h_eval, jnp.asarray(eval_windows), batch_size)
   return PipelineResult(float(np.exp(mean_nll)), mean_nll, records, kept)
 

@@ -36,8 +36,9 @@ def assert_refused(result, flag: str, workdir) -> None:
 # Runs a binary (argv[1], a module) with `fpe_jax.checkpoint.Checkpoints.save` wrapped:
 # the first save of a phase that has no checkpoint yet, and was not killed before (the
 # phases in $KILL_LOG), arms a SIGKILL of the whole process a random 0..$KILL_WINDOW_S
-# seconds later, so the kill lands inside that save or just after it. A save that comes
-# while a kill is armed waits for it, so each run kills exactly one phase: one logged.
+# seconds later, so the kill lands inside that save or just after it (with $KILL_AFTER_SAVE,
+# right after the save is complete). A save that comes while a kill is armed waits for it,
+# so each run kills exactly one phase: one logged.
 _KILL_IN_FIRST_SAVE = """
 import os, random, runpy, signal, sys, threading
 from fpe_jax import checkpoint
@@ -52,6 +53,9 @@ def save(self, step, tree):
     fresh = self.latest_step() is None and phase not in f.read().splitlines()
     if fresh:
       f.write(phase + "\\n")
+  if fresh and os.environ.get("KILL_AFTER_SAVE"):
+    real_save(self, step, tree)
+    os.kill(os.getpid(), signal.SIGKILL)
   if fresh:
     delay = random.Random(phase).uniform(0, float(os.environ["KILL_WINDOW_S"]))
     armed.set()
@@ -64,14 +68,17 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 
 
 def kill_in_every_first_save(module: str, args: list[str], kill_log, *, window_s: float = 0.2,
-                             max_runs: int = 20, timeout: int = 600):
+                             after_save: bool = False, max_runs: int = 20, timeout: int = 600):
   """Runs `module` again and again until it finishes, each run SIGKILLed in (or just after)
-  the first checkpoint save of a phase not killed before.
+  the first checkpoint save of a phase not killed before; with `after_save`, as soon as
+  that save is complete (so the rerun must resume from it).
 
   Returns:
     (the finished run's CompletedProcess, the number of runs killed, the phases killed).
   """
   env = dict(subprocess_env(), KILL_LOG=str(kill_log), KILL_WINDOW_S=str(window_s))
+  if after_save:
+    env["KILL_AFTER_SAVE"] = "1"
   killed = 0
   for _ in range(max_runs):
     result = subprocess.run([sys.executable, "-c", _KILL_IN_FIRST_SAVE, module, *args],

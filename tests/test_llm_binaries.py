@@ -8,17 +8,17 @@ import subprocess
 import sys
 
 import pytest
-from binaries import ROOT, kill_after_logged, subprocess_env
+from binaries import ROOT, kill_after_logged, kill_in_every_first_save, subprocess_env
 
 from experiments import compressed_models
 
-TINY = ["--layers=0", "--calib_windows=4", "--calib_window=64", "--eval_windows=2",
-        "--eval_window=64", "--kmeans_restarts=2", "--kmeans_iters=5", "--run_name=tiny"]
-RUNS = {
-    "sparse_expansion": TINY + ["--methods=dense,sparsegpt,sparse_expansion",
+TINY = ["--calib_windows=4", "--calib_window=64", "--eval_windows=2", "--eval_window=64",
+        "--kmeans_restarts=2", "--kmeans_iters=5", "--run_name=tiny"]
+RUNS = {  # two compressed blocks for sparse_expansion, so a kill can land between them
+    "sparse_expansion": TINY + ["--layers=0,1", "--methods=dense,sparsegpt,sparse_expansion",
                                 "--sparsities=0.5", "--n_m=2:4", "--num_experts=2",
                                 "--save_models"],
-    "wasserstein": TINY + ["--criteria=random", "--num_experts=2"],
+    "wasserstein": TINY + ["--layers=0", "--criteria=random", "--num_experts=2"],
 }
 
 
@@ -83,6 +83,31 @@ def test_killed_after_a_configuration_resumes_to_the_uninterrupted_results(tmp_p
   assert len(names) == len(set(names))  # each configuration logged once
   if binary == "sparse_expansion":  # every configuration's model, saved before and after
     assert _saved_perplexities(run) == _saved_perplexities(clean_run(binary))
+
+
+def test_killed_between_blocks_resumes_at_the_next_block_to_the_same_perplexity(tmp_path,
+                                                                             clean_run):
+  """SIGKILL right after the first block's state is saved; the rerun resumes after block 1
+  of 2 and reports (and saves) the perplexity of the uninterrupted run, to the bit."""
+  name = "sparse_expansion/50%/K=2"
+  want = {r["name"]: r for r in json.loads(
+      (clean_run("sparse_expansion") / "results.json").read_text())["rows"]}[name]
+  args = [f"--workdir={tmp_path}", *RUNS["sparse_expansion"], "--methods=sparse_expansion",
+          "--n_m="]
+  result, killed, phases = kill_in_every_first_save(
+      "experiments.sparse_expansion", args, tmp_path / "kills", after_save=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert killed == 1 and phases[0].endswith(compressed_models.folder_name(name))
+  assert f"{name}: resuming after block 1/2" in result.stdout
+  run = tmp_path / "sparse_expansion" / "tiny"
+  got = json.loads((run / "results.json").read_text())["rows"]
+  assert [(r["name"], r["perplexity"], r["ffn_bytes"]) for r in got] == [
+      (name, want["perplexity"], want["ffn_bytes"])]
+  folder = compressed_models.folder_name(name)
+  assert _saved_perplexities(run) == {folder: want["perplexity"]}
+  record = lambda run: json.loads((run / "models" / folder / "model.json").read_text())  # noqa: E731
+  assert record(run)["arrays_sha256"] == record(clean_run("sparse_expansion"))["arrays_sha256"]
+  assert not (run / "checkpoints" / folder).exists()
 
 
 def _lm_eval(*args):

@@ -6,6 +6,7 @@ BATCH (3 windows: 8 calibration windows make batches 3, 3, 2 and 4 held-out ones
 so partial batches are covered), both expert routers project to the same PCA size, and XLA's
 optimisation passes are off for this module (the model is tiny: compiling is the cost)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -114,6 +115,39 @@ def test_the_kept_model_reproduces_the_run_and_generates_like_the_dense_forward(
   # The compressed model's own continuation: 4 tokens of the vocabulary.
   tokens = se.compressed_greedy(CFG, params, result.ffns, prompt, 4)
   assert len(tokens) == 4 and all(0 <= t < CFG.vocab_size for t in tokens)
+
+
+def test_a_run_resumed_from_any_block_state_ends_exactly_as_an_uninterrupted_one(setup):
+  """on_block's state after block i, given back as `resume`, continues at block i + 1: the
+  same perplexity, layer records and kept FFNs as a run that never stopped, and the
+  finished blocks are not compressed again (the hook sees only the remaining ones)."""
+  params, calib, held_out = setup
+  cfg = se.CompressionConfig(method="sparse_expansion", sparsity=0.5, num_experts=2,
+                             kmeans_restarts=1, kmeans_iters=3)
+  states, seen = [], []
+
+  def hook(layer, block, x, ffn, info):
+    seen.append(layer)
+    return {"layer": layer}
+
+  kw = dict(batch_size=BATCH, keep_ffns=True, layer_hook=hook)
+  want = se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg,
+                         on_block=states.append, **kw)
+  assert [s.blocks_done for s in states] == [1, 2] and states[-1].h_cal is None
+  for state in states:
+    seen.clear()
+    # As a checkpoint would give it back: host arrays.
+    state = dataclasses.replace(state, h_cal=None if state.h_cal is None else
+                                np.asarray(state.h_cal), h_eval=np.asarray(state.h_eval))
+    got = se.run_pipeline(jax.random.key(1), CFG, params, calib, held_out, cfg,
+                          resume=state, **kw)
+    assert seen == [0, 1][state.blocks_done:]
+    assert (got.perplexity, got.mean_nll, got.layers) == (
+        want.perplexity, want.mean_nll, want.layers)
+    jax.tree.map(np.testing.assert_array_equal, got.ffns, want.ffns)
+  with pytest.raises(ValueError, match="resume"):
+    se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg, batch_size=BATCH,
+                    resume=states[0])  # a state with FFNs, for a run that keeps none
 
 
 def test_expert_ffn_matches_per_token_reference(setup):
