@@ -310,7 +310,7 @@ def main(argv):
                              batch_size=config.setup.batch_size, keep_ffns=config.save_models,
                              layer_hook=functools.partial(_layer_bytes, run.pattern.n_m),
                              resume=resume, on_block=blocks.save,
-                             progress=lambda done, _: block_progress.update(done))
+                             progress=lambda done, _, p=block_progress: p.update(done))
     row = {**run.record(), "perplexity": result.perplexity, "mean_nll": result.mean_nll,
            "ffn_bytes": ffn_bytes(result.layers, ckpt.config, layers),
            "seconds": time.perf_counter() - start}
