@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import numpy as np
 from absl import flags
+from jax.sharding import Mesh
 
 from experiments import common
+from fpe_jax import sharding
 from fpe_jax import sparse_expansion as se
 from fpe_jax.data import austen, gguf_loader
 from fpe_jax.models.llama import LlamaConfig
@@ -57,10 +59,16 @@ def define_flags() -> None:
   flags.DEFINE_enum("expert_matmul", "auto", implementations.IMPLEMENTATIONS,
                     "Implementation of the routed expert apply (fpe_jax.experts.apply_experts' "
                     "`implementation`).")
+  flags.DEFINE_integer("data_devices", 1, "Devices on the calibration mesh's axis `data`: "
+                       "each block's calibration tokens (Hessians, PCA, k-means) split over "
+                       "them.")
+  flags.DEFINE_integer("expert_devices", 1, "Devices on the calibration mesh's axis `expert`: "
+                       "the K expert prunes of a block split over them (must divide K).")
 
   common.flag_validator("layers", _valid_layers,
                         "must be 'all' or a comma-separated list of distinct block indices")
-  for name in ("calib_windows", "batch_size", "kmeans_restarts", "kmeans_iters"):
+  for name in ("calib_windows", "batch_size", "kmeans_restarts", "kmeans_iters",
+               "data_devices", "expert_devices"):
     common.flag_validator(name, lambda v: v >= 1, "must be >= 1")
   for name in ("calib_window", "eval_window"):
     common.flag_validator(name, lambda v: v >= 2, "must be >= 2")
@@ -105,6 +113,7 @@ class SetupConfig:
     dense_within_block: calibrate down_proj on the dense gate/up output.
     damp: SparseGPT's relative damping.
     expert_matmul: `fpe_jax.experts.apply_experts`' implementation.
+    data_devices, expert_devices: the calibration mesh (`calibration_mesh`).
   """
 
   model_path: str
@@ -121,6 +130,8 @@ class SetupConfig:
   dense_within_block: bool
   damp: float
   expert_matmul: str
+  data_devices: int = 1
+  expert_devices: int = 1
 
   @property
   def calibration_tokens(self) -> int:
@@ -137,7 +148,32 @@ def setup_config(flag_values: flags.FlagValues) -> SetupConfig:
       pca_components=flag_values.pca_components or None,
       kmeans_restarts=flag_values.kmeans_restarts, kmeans_iters=flag_values.kmeans_iters,
       dense_within_block=flag_values.dense_within_block, damp=flag_values.damp,
-      expert_matmul=flag_values.expert_matmul)
+      expert_matmul=flag_values.expert_matmul, data_devices=flag_values.data_devices,
+      expert_devices=flag_values.expert_devices)
+
+
+def calibration_mesh(setup: SetupConfig, num_experts: Sequence[int]) -> Mesh | None:
+  """The `data` x `expert` mesh of --data_devices x --expert_devices (None for 1 x 1: the
+  one-device pipeline), checked against the devices, the calibration tokens and every K of
+  `num_experts` (the K values the binary's Sparse Expansion runs use).
+
+  Raises:
+    common.UsageError: naming the flag whose devices do not fit.
+  """
+  data, expert = setup.data_devices, setup.expert_devices
+  if data * expert == 1:
+    return None
+  bad = [k for k in num_experts if k % expert]
+  common.validate("expert_devices", not bad, f"{expert} devices must divide every K of "
+                  f"the Sparse Expansion runs, not {','.join(map(str, bad))}")
+  common.validate("data_devices", setup.calibration_tokens % data == 0,
+                  f"the {setup.calibration_tokens} calibration tokens (--calib_windows x "
+                  f"--calib_window) must split evenly over {data} devices")
+  common.validate("data_devices", data * expert <= jax.device_count(),
+                  f"{data} x --expert_devices={expert} devices, but this host has "
+                  f"{jax.device_count()}")
+  return sharding.make_mesh({"data": data, "expert": expert},
+                            jax.devices()[:data * expert])
 
 
 def check_calibration_size(setup: SetupConfig, num_experts: int) -> None:

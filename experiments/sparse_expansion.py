@@ -281,6 +281,8 @@ def main(argv):
   common.maybe_initialize_distributed()
   config = config_from_flags()
   runs = configurations(config)
+  mesh = llm_setup.calibration_mesh(config.setup, [r.num_experts for r in runs
+                                                   if r.method == "sparse_expansion"])
   ckpt, calib, held_out, layers, run_dir, done = llm_setup.prepare(
       "sparse_expansion", __name__, config.setup,
       check_model=functools.partial(check_patterns, config.patterns))
@@ -309,7 +311,7 @@ def main(argv):
                              held_out, compression_config(config, run), layers=layers,
                              batch_size=config.setup.batch_size, keep_ffns=config.save_models,
                              layer_hook=functools.partial(_layer_bytes, run.pattern.n_m),
-                             resume=resume, on_block=blocks.save,
+                             resume=resume, on_block=blocks.save, mesh=mesh,
                              progress=lambda done, _, p=block_progress: p.update(done))
     row = {**run.record(), "perplexity": result.perplexity, "mean_nll": result.mean_nll,
            "ffn_bytes": ffn_bytes(result.layers, ckpt.config, layers),

@@ -174,6 +174,8 @@ def main(argv):
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   common.maybe_initialize_distributed()
   config = config_from_flags()
+  mesh = llm_setup.calibration_mesh(config.setup, [config.num_experts] if config.num_experts
+                                    else [])
   ckpt, calib, held_out, layers, run_dir, done = llm_setup.prepare(
       "wasserstein", __name__, config.setup)
   names = ["dense", *config.criteria] + (["expansion"] if config.num_experts else [])
@@ -190,7 +192,8 @@ def main(argv):
     start = time.perf_counter()
     result = se.run_pipeline(key, ckpt.config, ckpt.params, calib, held_out,
                              compression_config(config, name), layers=layers,
-                             batch_size=config.setup.batch_size, layer_hook=hook)
+                             batch_size=config.setup.batch_size, layer_hook=hook,
+                             mesh=mesh)
     records[name] = {"name": name, "perplexity": result.perplexity,
                      "mean_nll": result.mean_nll, "layers": result.layers,
                      "seconds": time.perf_counter() - start}

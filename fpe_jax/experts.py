@@ -35,10 +35,9 @@ How "xla" multiplies is a separate choice, `xla_strategy=` (XLA_STRATEGIES), by 
 The expert axis shards over the mesh axis `expert` (`expert_shardings`, `shard_experts`);
 `apply_experts_sharded` is the expert-parallel apply: each device multiplies only the
 tokens routed to its own experts, and one psum over `expert` assembles the output. These
-are for expert-parallel Sparse Expansion on a multi-device host (the K expert prunes and
-the compressed model's apply spread over `expert`); tests/test_experts.py checks them on
-fake CPU devices, and the single-device pipeline (fpe_jax.sparse_expansion) does not use
-them yet.
+are for expert-parallel Sparse Expansion on a multi-device host; tests/test_experts.py
+checks them on fake CPU devices. `prune_experts(mesh=)` spreads the K expert prunes over
+`expert` (the pipeline, fpe_jax.sparse_expansion, does so when given a mesh).
 """
 
 from __future__ import annotations
@@ -165,6 +164,22 @@ def _prune_experts_jit(w, hessians, *, sparsity, n_m, block_size, damp, batch_si
   return jax.lax.map(one, hessians, batch_size=batch_size)
 
 
+@functools.partial(
+    jax.jit, static_argnames=("mesh", "sparsity", "n_m", "block_size", "damp", "batch_size")
+)
+def _prune_experts_sharded(w, hessians, *, mesh, **kw):
+  # Each `expert` device prunes its E / n experts (a sequential map, as unsharded); the
+  # banks stay sharded over `expert`, replicated over the mesh's other axes. No
+  # varying-axis check: SparseGPT's damping while_loop starts from replicated constants
+  # and carries per-device values, which the check refuses, though nothing crosses devices.
+  spec = PartitionSpec(EXPERT_AXIS)
+  local = jax.shard_map(lambda w, h: _prune_experts_jit(w, h, **kw), mesh=mesh,
+                        in_specs=(PartitionSpec(), spec),
+                        out_specs=sparse.SparseGPTResult(spec, spec, spec, spec),
+                        check_vma=False)
+  return local(w, hessians)
+
+
 def prune_experts(
     w: jax.Array,
     hessians: jax.Array,
@@ -174,6 +189,7 @@ def prune_experts(
     block_size: int = 128,
     damp: float = 0.01,
     expert_batch_size: int = 1,
+    mesh: Mesh | None = None,
 ) -> ExpertBank:
   """K SparseGPT copies of one dense weight, copy e pruned with Hessian e.
 
@@ -185,6 +201,8 @@ def prune_experts(
     sparsity, n_m, block_size, damp: as in `fpe_jax.sparse.sparsegpt`.
     expert_batch_size: experts pruned together (vmapped) per step of a sequential map;
       1 keeps memory at one expert's, E prunes all at once (fast on accelerators).
+    mesh: optional mesh whose `expert` axis (size dividing E) spreads the prunes: each
+      device prunes E / n experts; w and mask come back sharded over `expert`.
 
   Returns:
     ExpertBank with w, mask: [E, d_in, d_out] and no router.
@@ -198,15 +216,17 @@ def prune_experts(
     )
   if not isinstance(expert_batch_size, int) or expert_batch_size < 1:
     raise ValueError(f"expert_batch_size must be a positive int, got {expert_batch_size!r}")
-  res = _prune_experts_jit(
-      jnp.asarray(w),
-      jnp.asarray(hessians),
-      sparsity=sparse._check_sparsity(sparsity),
-      n_m=sparse._check_n_m(n_m, jnp.shape(w)[0]),
-      block_size=block_size,
-      damp=float(damp),
-      batch_size=expert_batch_size,
-  )
+  kw = dict(sparsity=sparse._check_sparsity(sparsity),
+            n_m=sparse._check_n_m(n_m, jnp.shape(w)[0]), block_size=block_size,
+            damp=float(damp), batch_size=expert_batch_size)
+  if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1:
+    res = _prune_experts_jit(jnp.asarray(w), jnp.asarray(hessians), **kw)
+  else:
+    devices = mesh.shape[EXPERT_AXIS]
+    if jnp.shape(hessians)[0] % devices:
+      raise ValueError(f"hessians: {jnp.shape(hessians)[0]} experts do not split over the "
+                       f"mesh's {devices} `expert` devices")
+    res = _prune_experts_sharded(jnp.asarray(w), jnp.asarray(hessians), mesh=mesh, **kw)
   failed = np.flatnonzero(~np.asarray(res.ok))
   if failed.size:
     raise ValueError(

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 # Retries of the damped Cholesky factorisation: retry i (i >= 1) uses
 # max(damp, _MIN_RETRY_DAMP) * DAMP_GROWTH**i. The floor makes damp=0 retry too.
@@ -231,8 +232,22 @@ def _grouped_gram(x, group_ids, num_groups):
       continue
     padded = np.full(max(64, 1 << int(rows.size - 1).bit_length()), x.shape[0], np.int32)
     padded[: rows.size] = rows
-    grams.append(_gram_rows(x, jnp.asarray(padded)))
+    grams.append(_gram_rows(x, _placed_like_rows_of(x, padded)))
   return jnp.stack(grams), jnp.asarray(counts)
+
+
+def _placed_like_rows_of(x, rows: np.ndarray) -> jax.Array:
+  """Row indices split over the mesh axes that split x's rows (data-parallel calibration
+  tokens), so each device sums the Gram of its share of a group and XLA adds them up;
+  unsplit when x is (one device) or when they do not divide the rows."""
+  placement = getattr(x, "sharding", None)
+  if not isinstance(placement, NamedSharding) or not placement.spec or (
+      placement.spec[0] is None):
+    return jnp.asarray(rows)
+  axes = placement.spec[0] if isinstance(placement.spec[0], tuple) else (placement.spec[0],)
+  if rows.size % math.prod(placement.mesh.shape[a] for a in axes):
+    return jnp.asarray(rows)
+  return jax.device_put(rows, NamedSharding(placement.mesh, PartitionSpec(placement.spec[0])))
 
 
 @jax.jit

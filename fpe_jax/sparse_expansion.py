@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fpe_jax import experts, sparse
 from fpe_jax.metrics import wasserstein_to_gaussian
@@ -111,6 +112,25 @@ class CompressionConfig:
                        f"{implementations.IMPLEMENTATIONS}")
     if not isinstance(self.expert_batch_size, int) or self.expert_batch_size < 1:
       raise ValueError(f"expert_batch_size={self.expert_batch_size!r} must be an int >= 1")
+
+
+def check_calibration_mesh(mesh: Mesh | None, num_tokens: int, cfg: CompressionConfig
+                           ) -> NamedSharding | None:
+  """The placement of a block's calibration tokens [tokens, d] on `mesh` (split over
+  `data`; None without a mesh or a `data` axis); ValueError when the mesh does not fit."""
+  if mesh is None:
+    return None
+  if not set(mesh.axis_names) <= {"data", experts.EXPERT_AXIS}:
+    raise ValueError(f"mesh: axes must be among ('data', 'expert'), got {mesh.axis_names}")
+  data = mesh.shape.get("data", 1)
+  if num_tokens % data:
+    raise ValueError(f"mesh: {num_tokens} calibration tokens do not split over its {data} "
+                     "`data` devices")
+  expert = mesh.shape.get(experts.EXPERT_AXIS, 1)
+  if cfg.method == "sparse_expansion" and cfg.num_experts % expert:
+    raise ValueError(f"mesh: num_experts={cfg.num_experts} does not split over its {expert} "
+                     "`expert` devices")
+  return NamedSharding(mesh, PartitionSpec("data", None)) if "data" in mesh.axis_names else None
 
 
 def check_calibration_size(num_tokens: int, num_experts: int) -> None:
@@ -403,7 +423,8 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
                  layer_hook: LayerHook | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  keep_ffns: bool = False, resume: PipelineState | None = None,
-                 on_block: Callable[[PipelineState], None] | None = None) -> PipelineResult:
+                 on_block: Callable[[PipelineState], None] | None = None,
+                 mesh: Mesh | None = None) -> PipelineResult:
   """Compresses the FFNs of `layers` block by block and returns the held-out perplexity.
 
   Args:
@@ -425,6 +446,10 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
       pipeline continues after its last finished block, to the same result.
     on_block: optional callback with the state after each compressed block (a binary
       checkpoints it, so a killed run resumes there).
+    mesh: optional mesh with axes `data` and / or `expert` for the calibration: each
+      block's calibration tokens are split over `data` (their Hessians, PCA and k-means
+      are then sums XLA all-reduces: the same numbers up to float order), and the K
+      expert prunes of Sparse Expansion over `expert` (its size must divide K).
 
   Returns:
     PipelineResult.
@@ -437,8 +462,9 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
     layers = []
   calib_tokens = int(np.prod(calib_windows.shape))
   check_calibration_size(calib_tokens, cfg.num_experts)
-  compress_fn = compress_ffn_experts if cfg.method == "sparse_expansion" else (
-      compress_ffn_single)
+  token_split = check_calibration_mesh(mesh, calib_tokens, cfg)
+  compress_fn = functools.partial(compress_ffn_experts, mesh=mesh) if (
+      cfg.method == "sparse_expansion") else compress_ffn_single
 
   ffn_residual = functools.partial(_ffn_residual, implementation=cfg.expert_matmul)
   step_kw = dict(batch_size=batch_size, implementation=cfg.expert_matmul)
@@ -471,9 +497,13 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
     norm = lambda h, b=block: _FFN_INPUT(model_cfg, b, h)  # noqa: E731
     a_cal = _batched(attn, [h_cal], batch_size)
     x_cal = _batched(norm, [a_cal], batch_size)
-    ffn, info = compress_fn(layer_key, block, x_cal.reshape(-1, model_cfg.d_model), cfg)
+    tokens = x_cal.reshape(-1, model_cfg.d_model)
+    if token_split is not None:
+      tokens = jax.device_put(tokens, token_split)
+    ffn, info = compress_fn(layer_key, block, tokens, cfg)
     if layer_hook is not None:
-      records.append(layer_hook(layer, block, x_cal.reshape(-1, model_cfg.d_model), ffn, info))
+      records.append(layer_hook(layer, block, tokens, ffn, info))
+    del tokens
     step = lambda h, x, f=ffn: ffn_residual(f, h, x)  # noqa: E731
     h_cal = _batched(step, [a_cal, x_cal], batch_size) if layer < last else None
     del a_cal, x_cal
@@ -492,7 +522,8 @@ def run_pipeline(key: jax.Array, model_cfg: llama.LlamaConfig, params: Params,
 
 
 def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
-                         cfg: CompressionConfig) -> tuple[Params, dict]:
+                         cfg: CompressionConfig, *, mesh: Mesh | None = None
+                         ) -> tuple[Params, dict]:
   """Sparse Expansion of one FFN: routers and K SparseGPT experts per linear.
 
   Args:
@@ -500,6 +531,8 @@ def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
     block: the block's params.
     x: [tokens, d_model] the FFN input on calibration tokens.
     cfg: compression config (method sparse_expansion).
+    mesh: optional mesh whose `expert` axis spreads the K expert prunes
+      (`experts.prune_experts`).
 
   Returns:
     (ffn, info): ffn = {"w_gate"|"w_up"|"w_down": experts.ExpertBank with w, mask [K, d_in,
@@ -517,7 +550,7 @@ def compress_ffn_experts(key: jax.Array, block: Params, x: jax.Array,
   router_kw = dict(n_components=cfg.pca_components, n_restarts=cfg.kmeans_restarts,
                    max_iters=cfg.kmeans_iters)
   prune_kw = dict(sparsity=cfg.sparsity, n_m=cfg.n_m, damp=cfg.damp, block_size=cfg.block_size,
-                  expert_batch_size=cfg.expert_batch_size)
+                  expert_batch_size=cfg.expert_batch_size, mesh=mesh)
   # Kernel metadata only where the kernel will run ("pallas", or "auto" on TPU / GPU), and
   # before any apply: the compressed intermediate below runs gate and up through it.
   pallas = implementations.resolve_implementation(cfg.expert_matmul) == "pallas"

@@ -187,6 +187,11 @@ LLM_SETUP = [  # the model and calibration flags both SmolLM2 binaries share (ll
     (["--batch_size=0"], "--batch_size"),
     (["--kmeans_iters=0"], "--kmeans_iters"),
     (["--expert_matmul=triton"], "--expert_matmul"),
+    (["--data_devices=0"], "--data_devices"),
+    (["--data_devices=3"], "--data_devices"),  # 64 calibration tokens
+    (["--data_devices=16"], "--data_devices"),  # more than the host's device
+    (["--expert_devices=0"], "--expert_devices"),
+    (["--expert_devices=3"], "--expert_devices"),  # does not divide K=2
     (["--run_name=.."], "--run_name"),
     (["--workdir={tmp}/a_file"], "--workdir"),
 ]

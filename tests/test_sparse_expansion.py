@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
-from fpe_jax import experts, sparse
+from fpe_jax import experts, sharding, sparse
 from fpe_jax import sparse_expansion as se
 from fpe_jax.metrics import wasserstein_to_gaussian
 from fpe_jax.models import llama
@@ -148,6 +149,29 @@ def test_a_run_resumed_from_any_block_state_ends_exactly_as_an_uninterrupted_one
   with pytest.raises(ValueError, match="resume"):
     se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg, batch_size=BATCH,
                     resume=states[0])  # a state with FFNs, for a run that keeps none
+
+
+def test_calibration_sharded_over_8_devices_gives_the_one_device_model(setup):
+  """Tokens split over `data` (4) and the K=2 expert prunes over `expert` (2): the same
+  masks and, up to float order, the same perplexity (measured: equal to the bit here;
+  stated tolerance 1e-4 relative). The experts come back sharded over `expert`."""
+  params, calib, held_out = setup
+  cfg = se.CompressionConfig(method="sparse_expansion", sparsity=0.5, num_experts=2,
+                             kmeans_restarts=1, kmeans_iters=3)
+  kw = dict(layers=[1], batch_size=BATCH, keep_ffns=True)
+  one = se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg, **kw)
+  mesh = sharding.make_mesh({"data": 4, "expert": 2})
+  eight = se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg, mesh=mesh, **kw)
+  np.testing.assert_allclose(eight.perplexity, one.perplexity, rtol=1e-4)
+  for name in se.FFN_MATRICES:
+    np.testing.assert_array_equal(eight.ffns[1][name].mask, one.ffns[1][name].mask)
+    assert eight.ffns[1][name].w.sharding.spec == PartitionSpec("expert")
+  with pytest.raises(ValueError, match="65 calibration tokens do not split over its 8"):
+    se.run_pipeline(jax.random.key(0), CFG, params, calib[:5, :13], held_out, cfg,
+                    mesh=sharding.make_mesh({"data": 8}), **kw)
+  with pytest.raises(ValueError, match="num_experts=2 does not split over its 8"):
+    se.run_pipeline(jax.random.key(0), CFG, params, calib, held_out, cfg,
+                    mesh=sharding.make_mesh({"expert": 8}), **kw)
 
 
 def test_expert_ffn_matches_per_token_reference(setup):
