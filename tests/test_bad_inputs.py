@@ -236,6 +236,22 @@ COMMON = [  # what every binary gets from experiments.common (and absl)
     (["--flagfile={tmp}/no_such.flags"], "no_such.flags"),
 ]
 # The benchmarks write nothing but their output; a case that slipped through would time.
+TABLES["experiments.bench_llama"] = (
+    ["--windows=1", "--window=8", "--repeats=1"],
+    COMMON + [
+        (["--windows=0"], "--windows"),
+        (["--window=1"], "--window"),
+        (["--window=100000"], "--window"),  # longer than Persuasion
+        (["--repeats=0"], "--repeats"),
+        (["--torch_threads=-1"], "--torch_threads"),
+        (["--torch_python={tmp}/no_python"], "--torch_python"),
+        (["--torch_python={tmp}/a_file"], "--torch_python"),  # not executable
+        (["--windows=x"], "--windows"),
+        (["--windows=1000", "--window=512"], "--windows"),  # more than Persuasion holds
+        (["--window=" + BIG], "--window"),
+        (["--repeats=1.5"], "--repeats"),
+        (["--torch_threads=x"], "--torch_threads"),
+    ])
 TABLES["experiments.bench_boolean"] = (
     ["--seeds=1", "--steps=10", "--repeats=1"],
     COMMON + [

@@ -116,6 +116,10 @@ def test_perplexity_batched_matches_per_window(checkpoint):
   nll_fn = jax.jit(lambda p, t: llama.token_nll(llama.forward(cfg, p, t), t))
   nlls = [np.asarray(nll_fn(params, w[None])) for w in windows]
   np.testing.assert_allclose(ppl, np.exp(np.mean(np.concatenate(nlls))), rtol=1e-5)
+  # The chunked projection + NLL, with a last chunk of 1 of 5 positions (3 x 7 = 21):
+  h = llama.hidden_states(cfg, params, jnp.asarray(windows))
+  np.testing.assert_allclose(llama.hidden_nll(cfg, params, h, windows, chunk_tokens=5),
+                             np.concatenate(nlls), rtol=1e-5, atol=1e-5)
   # The model predicts English far better than uniform over the vocabulary.
   assert 1.0 < ppl < 1000.0
 
