@@ -33,7 +33,8 @@ PRNG streams, all from key = jax.random.key(--seed) by `fold_in`:
   fold_in(key, 1)   every method's ensemble key (so all methods start from the same members);
   fold_in(key, 2)   the surrogate's ensemble key;
   for an ensemble key k: members are initialised from split(fold_in(k, 0), M), and
-    minibatch t is drawn from train.step_key(fold_in(k, 1), t);
+    minibatch t is drawn from train.step_key(fold_in(k, 1), t); TRS's smoothness
+    perturbation (--trs_plus_adv) starts from fold_in of that step key with 1;
   fold_in(key, 3)   the attack key a, the same for every method: the restarts use
     split(a, --pgd_restarts) (single runs the first of them) for every eps, objective and
     the black-box attack; transfer batch i uses fold_in(a, i), split over the members.
@@ -97,6 +98,21 @@ LOSS_WEIGHT_FLAGS = {
 for _name, _help in LOSS_WEIGHT_FLAGS.items():
   flags.DEFINE_float(_name, getattr(ensemble.DEFAULT_LOSS_CONFIG, _name), _help)
   common.flag_validator(_name, math.isfinite, "must be a finite number")
+# TRS's smoothness perturbation (its official plus_adv), also LossConfig's fields; the radius
+# ramps over --train_steps.
+TRS_ADV_FLAGS = ("trs_plus_adv", "trs_adv_eps_start", "trs_adv_eps_end", "trs_adv_steps")
+flags.DEFINE_bool("trs_plus_adv", ensemble.DEFAULT_LOSS_CONFIG.trs_plus_adv,
+                  "TRS: smoothness on the first half of each batch and a PGD-perturbed copy of "
+                  "the second half (PGD maximising the smoothness term), not the clean batch.")
+flags.DEFINE_float("trs_adv_eps_start", ensemble.DEFAULT_LOSS_CONFIG.trs_adv_eps_start,
+                   "TRS: L_inf radius of the perturbation at step 0.")
+flags.DEFINE_float("trs_adv_eps_end", ensemble.DEFAULT_LOSS_CONFIG.trs_adv_eps_end,
+                   "TRS: the radius it ramps to, linearly over --train_steps.")
+flags.DEFINE_integer("trs_adv_steps", ensemble.DEFAULT_LOSS_CONFIG.trs_adv_steps,
+                     "TRS: signed-gradient steps of the perturbation (step eps / 3).")
+for _name in ("trs_adv_eps_start", "trs_adv_eps_end"):
+  common.flag_validator(_name, lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
+common.flag_validator("trs_adv_steps", lambda v: v >= 1, "must be >= 1")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("train_steps", 2000, "Optimiser steps per ensemble.")
@@ -334,8 +350,9 @@ def config_from_flags() -> Config:
                       clean_eval_size=FLAGS.clean_eval_size, n_eval=FLAGS.n_eval,
                       eval_batch_size=FLAGS.eval_batch_size),
       model=model,
-      loss=ensemble.LossConfig(**{name: FLAGS[name].value for name in LOSS_WEIGHT_FLAGS},
-                               member_map=member_map),
+      loss=ensemble.LossConfig(
+          **{name: FLAGS[name].value for name in (*LOSS_WEIGHT_FLAGS, *TRS_ADV_FLAGS)},
+          trs_adv_ramp_steps=FLAGS.train_steps, member_map=member_map),
       train=TrainConfig(methods=tuple(FLAGS.methods), num_members=members, optimizer="adam",
                         learning_rate=FLAGS.learning_rate, batch_size=FLAGS.batch_size,
                         train_steps=FLAGS.train_steps, chunk_steps=FLAGS.chunk_steps),
@@ -419,7 +436,7 @@ def train_ensemble(run_dir: common.RunDir, config: Config, phase: str, method: s
   x, y = train_set
   chunk = jax.jit(train.make_train_chunk(
       loss_fn, optimizer, batch_size=config.train.batch_size, steps=config.train.chunk_steps,
-      batch_sharding=sharding.batch_sharding(mesh, x.ndim)), donate_argnums=0)
+      batch_sharding=sharding.batch_sharding(mesh, x.ndim), with_step=True), donate_argnums=0)
   progress = common.Progress(f"train {phase}", config.train.train_steps)
   state = common.train_phase(run_dir, phase, state, chunk, x, y, jax.random.fold_in(key, 1),
                              end_step=config.train.train_steps,

@@ -21,12 +21,18 @@ Losses (papers.md section 3; every loss returns `(scalar, metrics)`):
   GAL:         mean_i CE_i + lam * log sum_{i<j} exp(cos(g_i, g_j))
   ADP:         sum_i CE_i - alpha * H(mean_i p_i) - beta * log det(G + det_offset * I),
                G the Gram matrix of the members' unit-normalised non-true-class probabilities
-  TRS:         sum_i CE_i + scale * (coeff * mean_{i<j} |cos(g_i, g_j)| + lam * 2 * mean ||g||^2)
+  TRS:         sum_i CE_i + scale * (coeff * mean_{i<j} |cos(h_i, h_j)| + lam * smooth),
+               h_i = g_i / B the input gradient of member i's batch-MEAN CE, smooth the mean
+               over members of 2 * mean_b ||h_i||^2, on the clean batch or (plus_adv) on
+               its first half and a PGD-perturbed copy of its second half
+  TRS per example: the same with g_i itself and the clean batch only (smoothness B^2 x TRS's)
 
 CE terms are means over the batch; cosines are per example, then averaged over the batch.
-`make_loss` turns a loss into a `fpe_jax.train.LossFn`, so ensembles train through the one
-chunk builder, `train.make_train_chunk`; the losses that contain g are differentiated
-w.r.t. the params through grad_x (double backprop).
+TRS follows its official code (AI-secure/Transferability-Reduced-Smooth-Ensemble,
+train/Empirical/trainer.py, TRS_Trainer and PGD; papers.md). `make_loss` turns a loss into
+a `fpe_jax.train.LossFn`, so ensembles train through the one chunk builder,
+`train.make_train_chunk`; the losses that contain g are differentiated w.r.t. the params
+through grad_x (double backprop).
 """
 
 from __future__ import annotations
@@ -48,15 +54,19 @@ MemberApplyFn = Callable[[Params, jax.Array], jax.Array]
 
 COMBINES = ("log_mean_prob", "mean_logits")
 MEMBER_MAPS = ("vmap", "unroll")
-LOSSES = ("independent", "ncen", "gal", "adp", "trs")
+LOSSES = ("independent", "ncen", "gal", "adp", "trs", "trs_per_example")
 # Losses that compare members with each other and so need at least two of them.
-CORRELATION_LOSSES = ("ncen", "gal", "adp", "trs")
+CORRELATION_LOSSES = ("ncen", "gal", "adp", "trs", "trs_per_example")
 MEMBER_AXIS = "member"
 
 # Norms are computed as sqrt(sum of squares + _SQ_FLOOR) so that their gradient stays
 # finite at 0; cosines divide by max(|a| |b|, _COS_EPS) like torch's cosine_similarity.
 _SQ_FLOOR = 1e-30
 _COS_EPS = 1e-8
+# TRS's smoothness PGD: step eps / 3 (its official code's), and the constant its random
+# start folds into the step key (the minibatch stream uses the step key itself).
+TRS_ADV_STEP_FRACTION = 1.0 / 3.0
+_TRS_ADV_STREAM = 1
 
 
 # --------------------------------------------------------------------------- members
@@ -300,9 +310,22 @@ def trs_cosine_term(grads: jax.Array) -> jax.Array:
 
 
 def mean_squared_gradient_norm(grads: jax.Array) -> jax.Array:
-  """Mean over members and examples of ||g_i(x)||^2 (TRS's smoothness term, before x2)."""
+  """Mean over members and examples of ||g_i(x)||^2."""
   flat = _flatten_examples(grads)
   return jnp.mean(jnp.sum(flat * flat, axis=-1))
+
+
+def trs_smoothness(mean_ce_grads: jax.Array) -> jax.Array:
+  """TRS's smoothness term as its official code computes it.
+
+  Args:
+    mean_ce_grads: [M, B, ...] input gradients of each member's batch-MEAN cross-entropy
+      (each example's own gradient divided by B).
+
+  Returns:
+    the mean over members of 2 * mean_b ||mean_ce_grads[i, b]||^2.
+  """
+  return 2.0 * mean_squared_gradient_norm(mean_ce_grads)
 
 
 def ensemble_entropy(logits: jax.Array, log_offset: float = 1e-20) -> jax.Array:
@@ -360,9 +383,17 @@ class LossConfig(NamedTuple):
     adp_beta: ADP log-det weight.
     adp_log_offset: ADP's offset inside log of the entropy.
     adp_det_offset: ADP's ridge on the Gram matrix.
-    trs_coeff: TRS weight of mean |cos|.
-    trs_lam: TRS weight of the smoothness term.
-    trs_scale: TRS overall scale of its regulariser.
+    trs_coeff: TRS weight of mean |cos| (its launcher's `coeff`).
+    trs_lam: TRS weight of the smoothness term (`lamda`).
+    trs_scale: TRS overall scale of its regulariser (`scale`).
+    trs_plus_adv: TRS computes its smoothness on the first half of the batch and a
+      perturbed copy of the second half (`trs_smoothness_perturbation`) instead of on the
+      clean batch (its `plus_adv`).
+    trs_adv_eps_start: the perturbation's L_inf radius at step 0 (`init_eps`).
+    trs_adv_eps_end: the radius it ramps to, linearly, over trs_adv_ramp_steps (`adv_eps`).
+    trs_adv_steps: the perturbation's sign-gradient steps (6 in the official code).
+    trs_adv_ramp_steps: training steps over which the radius ramps (the run's length);
+      needed (>= 1) by "trs" with trs_plus_adv.
     member_map: how members are applied, "vmap" or "unroll" (see `map_members`).
   """
   name: str = "independent"
@@ -376,7 +407,12 @@ class LossConfig(NamedTuple):
   adp_det_offset: float = 1e-6
   trs_coeff: float = 2.0
   trs_lam: float = 2.0
-  trs_scale: float = 1.0
+  trs_scale: float = 5.0
+  trs_plus_adv: bool = True
+  trs_adv_eps_start: float = 0.1
+  trs_adv_eps_end: float = 0.2
+  trs_adv_steps: int = 6
+  trs_adv_ramp_steps: int = 0
   member_map: str = "vmap"
 
 
@@ -384,7 +420,8 @@ DEFAULT_LOSS_CONFIG = LossConfig()
 
 
 def validate_loss(config: LossConfig, members: int) -> None:
-  """Raises ValueError naming the bad field: unknown loss, or < 2 members for a pairwise one."""
+  """Raises ValueError naming the bad field: unknown loss, < 2 members for a pairwise one,
+  or a TRS perturbation setting out of range."""
   if config.name not in LOSSES:
     raise ValueError(f"loss={config.name!r} is not one of {list(LOSSES)}")
   if config.member_map not in MEMBER_MAPS:
@@ -394,6 +431,17 @@ def validate_loss(config: LossConfig, members: int) -> None:
   if config.name in CORRELATION_LOSSES and members < 2:
     raise ValueError(f"num_members={members}: loss={config.name!r} compares members and needs "
                      "num_members >= 2")
+  for field in ("trs_adv_eps_start", "trs_adv_eps_end"):
+    if not 0 <= getattr(config, field) < float("inf"):
+      raise ValueError(f"{field}={getattr(config, field)} must be a finite number >= 0")
+  if config.trs_adv_steps < 1:
+    raise ValueError(f"trs_adv_steps={config.trs_adv_steps} must be >= 1")
+  if config.trs_adv_ramp_steps < 0:
+    raise ValueError(f"trs_adv_ramp_steps={config.trs_adv_ramp_steps} must be >= 0")
+  if config.name == "trs" and config.trs_plus_adv and config.trs_adv_ramp_steps < 1:
+    raise ValueError(f"trs_adv_ramp_steps={config.trs_adv_ramp_steps}: loss='trs' with "
+                     "trs_plus_adv ramps its radius over the training steps; give their "
+                     "number (>= 1)")
 
 
 def independent_loss(
@@ -442,9 +490,118 @@ def adp_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax
   return loss, {"loss": loss, "ce": jnp.mean(ce), "entropy": entropy, "log_det": log_det}
 
 
+def trs_adv_eps(config: LossConfig, step: jax.Array) -> jax.Array:
+  """The radius of TRS's smoothness perturbation at training step `step`.
+
+  Linear from trs_adv_eps_start at step 0 to trs_adv_eps_end at step trs_adv_ramp_steps,
+  held there after: the official code's `(adv_eps - init_eps) * epoch / epochs + init_eps`
+  with the step as the unit, so its last step, ramp_steps - 1, is 1 / ramp_steps short
+  of the end, as the official last epoch is.
+  """
+  fraction = jnp.clip(jnp.asarray(step, jnp.float32) / config.trs_adv_ramp_steps, 0.0, 1.0)
+  return config.trs_adv_eps_start + (config.trs_adv_eps_end - config.trs_adv_eps_start) * fraction
+
+
+def trs_smoothness_perturbation(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array,
+                                labels: jax.Array, key: jax.Array, eps: jax.Array | float,
+                                steps: int, member_map: str = "vmap") -> jax.Array:
+  """TRS's perturbed copy of x: L_inf PGD that MAXIMISES its smoothness term on x.
+
+  The objective is `trs_smoothness` of the members' input gradients of their mean CE over
+  x's own examples (not cross-entropy: the attack seeks where the members are least
+  smooth). Uniform random start in the eps ball, `steps` signed steps of eps *
+  TRS_ADV_STEP_FRACTION, every iterate projected onto the ball and the [0, 1] box. The
+  members' params are constants here: the loss is not differentiated through the attack.
+
+  Args:
+    apply_fn: one member's (params, x) -> logits.
+    stacked: member params, leaves [M, ...].
+    x: [N, ...] inputs in [0, 1].
+    labels: [N] int labels.
+    key: PRNG key of the random start.
+    eps: L_inf radius (may be traced).
+    steps: signed-gradient steps.
+    member_map: "vmap" or "unroll" (see `map_members`).
+
+  Returns:
+    [N, ...] the last iterate.
+  """
+  stacked = jax.lax.stop_gradient(stacked)
+
+  def smoothness(inputs):
+    _, _, grads = input_gradients(apply_fn, stacked, inputs, labels, member_map)
+    return trs_smoothness(grads / inputs.shape[0])
+
+  def into_ball(x_adv):
+    return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+
+  def ascend(_, x_adv):
+    step = eps * TRS_ADV_STEP_FRACTION * jnp.sign(jax.grad(smoothness)(x_adv))
+    return into_ball(x_adv + step)
+
+  start = into_ball(x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps))
+  return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, ascend, start))
+
+
 def trs_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
-             config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """TRS: sum CE + trs_scale * (trs_coeff * mean |cos| + trs_lam * 2 * mean ||g||^2)."""
+             config: LossConfig = DEFAULT_LOSS_CONFIG, *, key: jax.Array | None = None,
+             step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """TRS as its official code trains it.
+
+  sum_i CE_i + trs_scale * (trs_coeff * mean_{i<j} mean_b |cos(h_i, h_j)|
+  + trs_lam * trs_smoothness), h_i the input gradients of member i's batch-mean CE on the
+  clean batch. With trs_plus_adv the smoothness is taken on [the first B // 2 examples;
+  `trs_smoothness_perturbation` of the other B - B // 2 at radius `trs_adv_eps(step)`] with
+  the gradients of the mean CE over all B of them; otherwise on the clean batch.
+
+  Args:
+    apply_fn, stacked, x, labels: as `input_gradients`; x in [0, 1] for trs_plus_adv.
+    config: the weights and the perturbation.
+    key: PRNG key of the perturbation's random start (trs_plus_adv only).
+    step: the training step, for the radius ramp (trs_plus_adv only).
+
+  Returns:
+    (loss, metrics): metrics "abs_cosine" and "smoothness" are the two terms, "adv_eps" the
+    radius (trs_plus_adv); "cosine" and "grad_norm" are of each example's own gradient,
+    like the other losses'.
+  """
+  ce, _, grads = input_gradients(apply_fn, stacked, x, labels, config.member_map)
+  count = x.shape[0]
+  abs_cos = trs_cosine_term(grads / count)
+  metrics = {}
+  if config.trs_plus_adv:
+    if key is None or step is None:
+      raise ValueError("loss='trs' with trs_plus_adv needs key and step (its perturbation's "
+                       "random start and radius)")
+    eps = trs_adv_eps(config, step)
+    clean = count // 2
+    perturbed = trs_smoothness_perturbation(apply_fn, stacked, x[clean:], labels[clean:], key,
+                                            eps, config.trs_adv_steps, config.member_map)
+    _, _, smooth_grads = input_gradients(apply_fn, stacked, jnp.concatenate([x[:clean], perturbed]),
+                                         labels, config.member_map)
+    smooth = trs_smoothness(smooth_grads / count)
+    metrics["adv_eps"] = eps
+  else:
+    smooth = trs_smoothness(grads / count)
+  loss = (jnp.sum(jnp.mean(ce, axis=1))
+          + config.trs_scale * (config.trs_coeff * abs_cos + config.trs_lam * smooth))
+  return loss, {"loss": loss, "ce": jnp.mean(ce), "abs_cosine": abs_cos, "smoothness": smooth,
+                **metrics, "cosine": direction_term(grads),
+                "grad_norm": jnp.mean(gradient_norms(grads))}
+
+
+def trs_per_example_loss(
+    apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
+    config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """A strong-penalty TRS variant (this library's earlier "trs"), not the official one.
+
+  sum CE + trs_scale * (trs_coeff * mean |cos(g_i, g_j)| + trs_lam * 2 * mean ||g||^2) with
+  g each example's OWN input gradient (not the batch-mean CE's g / B), on the clean batch
+  (trs_plus_adv is ignored). Its cosine term is TRS's (a cosine ignores the 1/B, up to
+  the eps of its denominator); its smoothness term is B^2 times `trs_smoothness`. The
+  earlier runs used trs_scale=1, so against "trs" at its defaults (scale 5) the smoothness
+  penalty is B^2 / 5 times the official one (3,277x at B=128) and the cosine's 1/5.
+  """
   ce, _, grads = input_gradients(apply_fn, stacked, x, labels, config.member_map)
   abs_cos = trs_cosine_term(grads)
   smooth = mean_squared_gradient_norm(grads)
@@ -455,7 +612,7 @@ def trs_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax
 
 
 _LOSS_FNS = {"independent": independent_loss, "ncen": ncen_loss, "gal": gal_loss,
-             "adp": adp_loss, "trs": trs_loss}
+             "adp": adp_loss, "trs": trs_loss, "trs_per_example": trs_per_example_loss}
 
 
 def make_loss(apply_fn: MemberApplyFn, config: LossConfig, members: int) -> train.LossFn:
@@ -467,15 +624,25 @@ def make_loss(apply_fn: MemberApplyFn, config: LossConfig, members: int) -> trai
     members: M, for validation (the pairwise losses need M >= 2).
 
   Returns:
-    `loss_fn(stacked, masks, x [B, ...], labels [B], step_key) -> (loss, metrics)`;
-    `masks` and `step_key` are ignored (dense members, deterministic losses).
+    `loss_fn(stacked, masks, x [B, ...], labels [B], step_key, step=None) -> (loss,
+    metrics)`; `masks` is ignored (dense members). Only "trs" with trs_plus_adv is random
+    and scheduled: its perturbation starts from `fold_in(step_key, 1)` and its radius
+    ramps with `step` (train it with `train.make_train_chunk(..., with_step=True)`); the
+    other losses ignore both.
   """
   validate_loss(config, members)
   loss = functools.partial(_LOSS_FNS[config.name], apply_fn, config=config)
+  perturbed = config.name == "trs" and config.trs_plus_adv
 
-  def loss_fn(stacked, masks, x, labels, step_key):
-    del masks, step_key
-    return loss(stacked, x, labels)
+  def loss_fn(stacked, masks, x, labels, step_key, step=None):
+    del masks
+    if not perturbed:
+      return loss(stacked, x, labels)
+    if step is None:
+      raise ValueError("loss='trs' with trs_plus_adv ramps its radius with the training step: "
+                       "pass step (train.make_train_chunk(..., with_step=True))")
+    return loss(stacked, x, labels, key=jax.random.fold_in(step_key, _TRS_ADV_STREAM),
+                step=step)
 
   return loss_fn
 

@@ -17,6 +17,8 @@ PRNG streams, by name: `step_key(key, t) = fold_in(key, t)` draws minibatch t's 
 (`randint(step_key, (batch_size,), 0, n)`); the loss gets the same `step_key` for any
 randomness of its own and must fold in a constant of its own first (DropConnect uses
 `fold_in(step_key, 1)`), so its stream never coincides with the minibatch stream.
+A loss with a schedule of its own (TRS's attack radius, `fpe_jax.ensemble`) also takes the
+index of the step being taken: `make_train_chunk(..., with_step=True)` passes it.
 """
 
 from collections.abc import Callable, Sequence
@@ -31,8 +33,9 @@ from fpe_jax import nn
 ApplyFn = Callable[[nn.Params, nn.Masks, jax.Array], jax.Array]
 Objective = Callable[[jax.Array, jax.Array], jax.Array]  # (logits, labels) -> scalar
 Metrics = dict[str, jax.Array]
-# loss_fn(params, masks, x_batch, y_batch, step_key, *loss_args) -> (loss, metrics); metrics
-# include "loss" (the phase loop checks it is finite and logs every metric).
+# loss_fn(params, masks, x_batch, y_batch, step_key, *loss_args) -> (loss, metrics), or
+# loss_fn(params, masks, x_batch, y_batch, step_key, step, *loss_args) for a chunk built
+# with_step; metrics include "loss" (the phase loop checks it is finite, logs every metric).
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
 TrainChunk = Callable[..., tuple["TrainState", Metrics]]
 
@@ -204,6 +207,7 @@ def make_train_chunk(
     batch_size: int,
     steps: int,
     batch_sharding: jax.sharding.Sharding | None = None,
+    with_step: bool = False,
 ) -> TrainChunk:
   """Builds `train_chunk(state, x, y, key, *loss_args) -> (state, metrics)`.
 
@@ -217,6 +221,8 @@ def make_train_chunk(
     batch_sharding: if given, each minibatch is constrained to this sharding (the `data`
       axis of a mesh, `sharding.batch_sharding`): XLA splits the batch over devices and
       all-reduces the gradients.
+    with_step: pass the loss the index of the step being taken (int32 scalar, the state's
+      `step` before the update) after `step_key`, for a loss with a schedule of its own.
 
   Returns:
     An unjitted pure function; jit it (donating the state), or vmap it over a leading
@@ -234,7 +240,9 @@ def make_train_chunk(
     yb = jnp.take(y, idx, axis=0, mode="clip")
     if batch_sharding is not None:
       xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
-    (_, metrics), grads = grad_fn(state.params, state.masks, xb, yb, key, *loss_args)
+    step_args = (state.step,) if with_step else ()
+    (_, metrics), grads = grad_fn(state.params, state.masks, xb, yb, key, *step_args,
+                                  *loss_args)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if state.masks is not None:

@@ -184,7 +184,7 @@ def test_losses_combine_their_terms():
   ce_sum = float(jnp.sum(jnp.mean(ce, axis=1)))
   config = ensemble.LossConfig(lam_dir=0.7, lam_mag=0.3, lam_ncl=0.01, gal_lam=0.5,
                                adp_alpha=2.0, adp_beta=0.5, trs_coeff=2.0, trs_lam=3.0,
-                               trs_scale=0.5)
+                               trs_scale=0.5, trs_plus_adv=False)
   expected = {
       "independent": ce_sum,
       "ncen": ce_sum + 0.7 * ensemble.direction_term(grads)
@@ -192,8 +192,10 @@ def test_losses_combine_their_terms():
       "gal": float(jnp.mean(ce)) + 0.5 * ensemble.gal_term(grads),
       "adp": ce_sum - 2.0 * ensemble.ensemble_entropy(logits)
              - 0.5 * ensemble.adp_log_det(logits, y),
-      "trs": ce_sum + 0.5 * (2.0 * ensemble.trs_cosine_term(grads)
-                             + 3.0 * 2.0 * ensemble.mean_squared_gradient_norm(grads)),
+      "trs": ce_sum + 0.5 * (2.0 * ensemble.trs_cosine_term(grads / B)
+                             + 3.0 * ensemble.trs_smoothness(grads / B)),
+      "trs_per_example": ce_sum + 0.5 * (2.0 * ensemble.trs_cosine_term(grads)
+                                         + 3.0 * 2.0 * ensemble.mean_squared_gradient_norm(grads)),
   }
   for name, value in expected.items():
     loss_fn = ensemble.make_loss(linear_apply, config._replace(name=name), M)
@@ -251,6 +253,197 @@ def test_ncen_training_lowers_gradient_cosine_against_independent():
     cosines[name] = float(stats["mean_pairwise_cosine"])
     assert np.isfinite(metrics["loss"])
   assert cosines["ncen"] < cosines["independent"] - 0.2, cosines
+
+
+# --------------------------------------------------------------------------- TRS, official
+
+
+TRS_BATCH, TRS_DIM = 5, 6  # an odd batch: 2 clean examples, 3 perturbed
+
+
+def trs_problem(seed=0):
+  """Three linear members on [TRS_BATCH, TRS_DIM] inputs in [0, 1] (some at 0 or 1)."""
+  stacked = linear_members(jax.random.key(seed), d=TRS_DIM)
+  x = jax.random.uniform(jax.random.key(seed + 1), (TRS_BATCH, TRS_DIM))
+  x = x.at[0, :2].set(jnp.array([0.0, 1.0]))
+  return stacked, x, jnp.arange(TRS_BATCH) % C
+
+
+def member_mean_ce(params, x, y):
+  """One member's batch-mean cross-entropy (torch's nn.CrossEntropyLoss())."""
+  log_probs = jax.nn.log_softmax(linear_apply(params, x))
+  return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], axis=1))
+
+
+def official_mean_ce_grads(stacked, x, y):
+  """[M, B, D] numpy: each member's input gradient of its batch-MEAN CE, by plain jax.grad
+  of that member alone (TRS_Trainer's autograd.grad(criterion(model_j(x), y), x))."""
+  return np.stack([np.asarray(jax.grad(member_mean_ce, argnums=1)(p, x, y), np.float64)
+                   for p in ensemble.unstack_members(stacked)])
+
+
+def official_mean_ce(stacked, x, y):
+  logits = np.asarray(ensemble.member_logits(linear_apply, stacked, x), np.float64)
+  return -np.log(np_softmax(logits)[:, np.arange(len(y)), np.asarray(y)]).mean(1)  # [M]
+
+
+def official_cos(h):
+  """Mean over pairs of mean_b |cos| (utils_ensemble.Cosine: torch's eps 1e-8)."""
+  return np.mean([np.mean([abs(h[i, b] @ h[j, b]) / max(np.linalg.norm(h[i, b])
+                                                         * np.linalg.norm(h[j, b]), 1e-8)
+                           for b in range(h.shape[1])])
+                  for i, j in itertools.combinations(range(h.shape[0]), 2)])
+
+
+def official_smoothness(h):
+  """Mean over members of utils_ensemble.Magnitude: 2 * mean_b ||h_b||^2."""
+  return np.mean([2.0 * np.mean(np.sum(h[i] ** 2, -1)) for i in range(h.shape[0])])
+
+
+def official_pgd(stacked, x, y, key, eps, steps=6):
+  """trainer.PGD written out: uniform start clamped to [0, 1], `steps` sign steps of eps / 3
+  up the members' mean Magnitude of their mean-CE input gradients, min/max projection onto
+  the eps ball, clamp to [0, 1]."""
+  members = ensemble.unstack_members(stacked)
+
+  def grad_loss(inputs):
+    magnitudes = [2.0 * jnp.mean(jnp.sum(jax.grad(member_mean_ce, argnums=1)(p, inputs, y) ** 2,
+                                         -1)) for p in members]
+    return sum(magnitudes) / len(members)
+
+  adv = jnp.clip(x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps), 0.0, 1.0)
+  for _ in range(steps):
+    adv = adv + eps / 3.0 * jnp.sign(jax.grad(grad_loss)(adv))
+    adv = jnp.clip(jnp.maximum(jnp.minimum(adv, x + eps), x - eps), 0.0, 1.0)
+  return adv
+
+
+TRS_CONFIG = ensemble.LossConfig(name="trs", trs_adv_ramp_steps=100)  # official defaults
+
+
+def trs_value(config, stacked, x, y, step_key=None, step=None):
+  loss_fn = ensemble.make_loss(linear_apply, config, M)
+  return jax.jit(loss_fn)(stacked, None, x, y, step_key, step)
+
+
+def test_trs_defaults_are_the_official_launchers():
+  config = ensemble.DEFAULT_LOSS_CONFIG
+  assert (config.trs_scale, config.trs_coeff, config.trs_lam) == (5.0, 2.0, 2.0)
+  assert config.trs_plus_adv and config.trs_adv_steps == 6
+  assert (config.trs_adv_eps_start, config.trs_adv_eps_end) == (0.1, 0.2)
+  assert ensemble.TRS_ADV_STEP_FRACTION == 1.0 / 3.0
+
+
+def test_trs_terms_on_the_clean_batch_are_the_official_formulas():
+  stacked, x, y = trs_problem()
+  loss, metrics = trs_value(TRS_CONFIG._replace(trs_plus_adv=False), stacked, x, y)
+  h = official_mean_ce_grads(stacked, x, y)
+  ce = official_mean_ce(stacked, x, y)
+  cos, smooth = official_cos(h), official_smoothness(h)
+  np.testing.assert_allclose(metrics["abs_cosine"], cos, rtol=1e-5)
+  np.testing.assert_allclose(metrics["smoothness"], smooth, rtol=1e-5)
+  np.testing.assert_allclose(loss, ce.sum() + 5.0 * (2.0 * cos + 2.0 * smooth), rtol=1e-5)
+  # The batch-mean CE's gradient carries 1/B: the smoothness is 1/B^2 of the per-example one.
+  per_example = np.asarray(ensemble.input_gradients(linear_apply, stacked, x, y)[2])
+  np.testing.assert_allclose(smooth * TRS_BATCH**2,
+                             2.0 * np.mean(np.sum(per_example**2, -1)), rtol=1e-5)
+  assert "adv_eps" not in metrics
+
+
+def test_trs_plus_adv_smoothness_is_on_the_clean_and_perturbed_halves():
+  stacked, x, y = trs_problem(1)
+  step_key, step = jax.random.key(3), 50
+  loss, metrics = trs_value(TRS_CONFIG, stacked, x, y, step_key, step)
+  eps = 0.15  # halfway up the ramp
+  np.testing.assert_allclose(metrics["adv_eps"], eps, rtol=1e-6)
+  clean = TRS_BATCH // 2
+  perturbed = official_pgd(stacked, x[clean:], y[clean:], jax.random.fold_in(step_key, 1), eps)
+  smooth_x = jnp.concatenate([x[:clean], perturbed])
+  h_clean = official_mean_ce_grads(stacked, x, y)
+  h_smooth = official_mean_ce_grads(stacked, smooth_x, y)  # mean CE over all B
+  cos, smooth = official_cos(h_clean), official_smoothness(h_smooth)
+  np.testing.assert_allclose(metrics["abs_cosine"], cos, rtol=1e-5)
+  np.testing.assert_allclose(metrics["smoothness"], smooth, rtol=1e-4)
+  np.testing.assert_allclose(loss, official_mean_ce(stacked, x, y).sum()
+                             + 5.0 * (2.0 * cos + 2.0 * smooth), rtol=1e-5)
+  assert smooth > official_smoothness(h_clean)  # the perturbed half is rougher
+  # The parameter gradient treats the perturbed inputs as constants.
+  def reference(params):
+    def term(inputs):
+      hs = jax.vmap(lambda p: jax.grad(member_mean_ce, argnums=1)(p, inputs, y))(params)
+      return hs.reshape(M, TRS_BATCH, -1)
+    ce_sum = sum(member_mean_ce(p, x, y) for p in ensemble.unstack_members(params))
+    return ce_sum + 5.0 * (2.0 * ensemble.trs_cosine_term(term(x))
+                           + 2.0 * ensemble.trs_smoothness(term(smooth_x)))
+  loss_fn = ensemble.make_loss(linear_apply, TRS_CONFIG, M)
+  got = jax.jit(jax.grad(lambda p: loss_fn(p, None, x, y, step_key, step)[0]))(stacked)
+  chex.assert_trees_all_close(got, jax.jit(jax.grad(reference))(stacked), rtol=1e-4, atol=1e-6)
+
+
+def test_trs_perturbation_stays_in_the_ball_and_box_and_roughens_the_members():
+  stacked, x, y = trs_problem(2)
+  key = jax.random.key(4)
+  for eps in (0.1, 0.3):
+    adv = jax.jit(ensemble.trs_smoothness_perturbation, static_argnums=(0, 6))(
+        linear_apply, stacked, x, y, key, eps, 6)
+    np.testing.assert_allclose(adv, official_pgd(stacked, x, y, key, eps), rtol=1e-6,
+                               atol=1e-7)
+    assert float(jnp.max(jnp.abs(adv - x))) <= eps + 1e-6
+    assert float(jnp.min(adv)) >= 0.0 and float(jnp.max(adv)) <= 1.0
+    assert float(jnp.max(jnp.abs(adv - x))) > 0.5 * eps  # it moved
+    # A property: the members' gradient magnitude is larger at the perturbed point.
+    before = official_smoothness(official_mean_ce_grads(stacked, x, y))
+    after = official_smoothness(official_mean_ce_grads(stacked, adv, y))
+    assert after > before, (eps, before, after)
+
+
+def test_trs_radius_ramps_linearly_over_the_ramp_steps():
+  config = TRS_CONFIG._replace(trs_adv_ramp_steps=100)
+  for step, want in [(0, 0.1), (50, 0.15), (99, 0.1 + 0.1 * 99 / 100), (100, 0.2), (150, 0.2)]:
+    np.testing.assert_allclose(jax.jit(ensemble.trs_adv_eps, static_argnums=0)(config, step),
+                               want, rtol=1e-6, err_msg=str(step))
+  # In training: the chunk passes each step (with_step=True); metrics are chunk means.
+  stacked, x, y = trs_problem(3)
+  optimizer = train.make_optimizer("adam", 1e-2)
+  loss_fn = ensemble.make_loss(linear_apply, config._replace(trs_adv_ramp_steps=4), M)
+  chunk = jax.jit(train.make_train_chunk(loss_fn, optimizer, batch_size=TRS_BATCH, steps=4,
+                                         with_step=True))
+  state, metrics = chunk(train.init_state(stacked, optimizer), x, y, jax.random.key(5))
+  np.testing.assert_allclose(metrics["adv_eps"], np.mean([0.1, 0.125, 0.15, 0.175]), rtol=1e-6)
+  assert int(state.step) == 4 and np.isfinite(metrics["loss"])
+
+
+def test_trs_per_example_is_the_official_smoothness_times_b_squared():
+  stacked, x, y = trs_problem(4)
+  config = TRS_CONFIG._replace(trs_plus_adv=False, trs_scale=1.0)
+  official, official_metrics = trs_value(config, stacked, x, y)
+  old, old_metrics = trs_value(config._replace(name="trs_per_example"), stacked, x, y)
+  np.testing.assert_allclose(2.0 * old_metrics["sq_grad_norm"],
+                             TRS_BATCH**2 * official_metrics["smoothness"], rtol=1e-5)
+  np.testing.assert_allclose(old_metrics["abs_cosine"], official_metrics["abs_cosine"],
+                             rtol=1e-5)
+  ce_sum = official_mean_ce(stacked, x, y).sum()
+  cos_part = 2.0 * official_metrics["abs_cosine"]
+  np.testing.assert_allclose(old - ce_sum - cos_part,
+                             TRS_BATCH**2 * (official - ce_sum - cos_part), rtol=1e-4)
+  # trs_plus_adv does not change the per-example variant.
+  again, _ = trs_value(config._replace(name="trs_per_example", trs_plus_adv=True), stacked, x, y)
+  np.testing.assert_allclose(again, old, rtol=1e-6)
+
+
+def test_trs_settings_are_checked():
+  with pytest.raises(ValueError, match="trs_adv_ramp_steps=0: loss='trs' with trs_plus_adv"):
+    ensemble.make_loss(linear_apply, ensemble.LossConfig(name="trs"), M)
+  ensemble.make_loss(linear_apply, ensemble.LossConfig(name="trs", trs_plus_adv=False), M)
+  for field, value, message in [("trs_adv_eps_start", -0.1, "must be a finite number >= 0"),
+                                ("trs_adv_eps_end", float("inf"), "must be a finite number"),
+                                ("trs_adv_steps", 0, "must be >= 1"),
+                                ("trs_adv_ramp_steps", -1, "must be >= 0")]:
+    with pytest.raises(ValueError, match=f"{field}=.*{message}"):
+      ensemble.make_loss(linear_apply, TRS_CONFIG._replace(**{field: value}), M)
+  stacked, x, y = trs_problem()
+  with pytest.raises(ValueError, match="pass step"):
+    ensemble.make_loss(linear_apply, TRS_CONFIG, M)(stacked, None, x, y, jax.random.key(0))
 
 
 # --------------------------------------------------------------------------- errors, sharding

@@ -116,6 +116,23 @@ def test_minibatch_t_is_drawn_from_step_key_t():
   assert int(after.step) == 8
 
 
+def test_with_step_passes_each_steps_index_before_the_loss_args():
+  optimizer = train.make_optimizer("sgd", 0.1)
+  state = _state(0, optimizer)._replace(step=jnp.asarray(7, jnp.int32))
+  x, y = _problem(0)
+  base = train.supervised_loss(nn.apply_mlp, train.sigmoid_bce)
+
+  def loss_fn(params, masks, xb, yb, step_key, step, offset):
+    loss, _ = base(params, masks, xb, yb, step_key)
+    return loss, {"loss": loss, "step": step.astype(jnp.float32) + offset}
+
+  chunk = jax.jit(train.make_train_chunk(loss_fn, optimizer, batch_size=32, steps=4,
+                                         with_step=True))
+  after, metrics = chunk(state, x, y, jax.random.key(5), 0.5)
+  assert float(metrics["step"]) == np.mean([7, 8, 9, 10]) + 0.5  # chunk means
+  assert int(after.step) == 11
+
+
 def test_dropconnect_keep_one_is_plain_training_and_keeps_masks():
   optimizer = train.make_optimizer("adam", 1e-2)
   state = _state(1, optimizer)
