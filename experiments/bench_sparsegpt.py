@@ -13,6 +13,11 @@ agree; the maximum difference is printed. Times are the median of --repeats call
 compiling call; ratio = naive / lazy. Weights and inputs are random (speed does not depend
 on their values): inputs are correlated activation-like features, --tokens of them.
 
+With --torch_python and --official_sparsegpt it also times the official IST-DASLab torch
+SparseGPT (`fasterprune`, run by experiments.peer_baselines in that virtualenv, as many
+threads as this machine has cores) on the same w and Hessian, and prints its median, its
+time over ours and its layer error over ours (on the random inputs).
+
 With --recon_layers (e.g. 3,15,29), it also prints the layer reconstruction error of each
 method on REAL activations of SmolLM2-135M (needs `bash scripts/install_data.sh`): the dense
 model runs --recon_windows random Austen calibration windows (seed --seed) up to each chosen
@@ -27,7 +32,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -35,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import common, llm_setup
+from experiments import common, llm_setup, peer_baselines
 from fpe_jax import sparse
 
 FLAGS = flags.FLAGS
@@ -48,7 +55,18 @@ flags.DEFINE_integer("seed", 0, "Seed of the random weights, inputs and windows.
 flags.DEFINE_list("recon_layers", [], "SmolLM2 blocks for the error table.")
 flags.DEFINE_integer("recon_windows", 8, "Calibration windows (error table).")
 flags.DEFINE_integer("recon_window", 256, "Tokens per window (error table).")
+flags.DEFINE_string("torch_python", "", "Python of a torch virtualenv: also time the official "
+                    "SparseGPT (experiments.peer_baselines) on the same weights and Hessians.")
+flags.DEFINE_string("official_sparsegpt", "", "Checkout of the official IST-DASLab/sparsegpt "
+                    "code (its sparsegpt.py), for --torch_python.")
 common.seed_validator("seed")
+common.flag_validator("torch_python", peer_baselines.is_python,
+                      "must be the python executable of a torch virtualenv (or empty)")
+common.flag_validator("official_sparsegpt", lambda v: not v or os.path.isfile(
+    os.path.join(v, "sparsegpt.py")), "must be a folder holding the official sparsegpt.py")
+flags.register_multi_flags_validator(
+    ["torch_python", "official_sparsegpt"], lambda f: bool(f["torch_python"])
+    == bool(f["official_sparsegpt"]), "--torch_python and --official_sparsegpt go together")
 
 
 def parse_shape(text: str) -> tuple[int, int] | None:
@@ -83,6 +101,8 @@ class Config:
     recon_layers: SmolLM2 blocks of the reconstruction-error table (empty: no table).
     recon_windows: calibration (and held-out) windows of the table.
     recon_window: tokens per window of the table.
+    torch_python, official_sparsegpt: the torch virtualenv's python and the official
+      code's checkout, to time it on the same inputs ('' : not).
   """
   shapes: tuple[tuple[int, int], ...]
   sparsity: float
@@ -93,6 +113,8 @@ class Config:
   recon_layers: tuple[int, ...]
   recon_windows: int
   recon_window: int
+  torch_python: str = ""
+  official_sparsegpt: str = ""
 
 
 def config_from_flags() -> Config:
@@ -101,7 +123,8 @@ def config_from_flags() -> Config:
   return Config(shapes=tuple(parse_shape(s) for s in FLAGS.shapes), sparsity=FLAGS.sparsity,
                 block_size=FLAGS.block_size, tokens=FLAGS.tokens, repeats=FLAGS.repeats,
                 seed=FLAGS.seed, recon_layers=tuple(common.int_list(FLAGS.recon_layers)),
-                recon_windows=FLAGS.recon_windows, recon_window=FLAGS.recon_window)
+                recon_windows=FLAGS.recon_windows, recon_window=FLAGS.recon_window,
+                torch_python=FLAGS.torch_python, official_sparsegpt=FLAGS.official_sparsegpt)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
@@ -161,7 +184,26 @@ def _bench_shape(d_in, d_out, rng, config: Config):
 
   t_lazy = _median_time(lazy, config.repeats)
   t_naive = _median_time(naive, config.repeats)
-  return t_lazy, t_naive, float(jnp.max(jnp.abs(lazy() - naive())))
+  official = None
+  if config.torch_python:
+    official = _official(w, h, config)
+    official["error_ratio"] = (_relative_error(x, w, official.pop("w"))
+                               / _relative_error(x, w, lazy()))
+  return t_lazy, t_naive, float(jnp.max(jnp.abs(lazy() - naive()))), official
+
+
+def _official(w, h, config: Config) -> dict:
+  """The official SparseGPT's median seconds (and its pruned w) on the same w and h."""
+  with tempfile.TemporaryDirectory() as tmp:
+    inputs, out = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
+    np.savez(inputs, w=np.asarray(w), h=np.asarray(h), sparsity=config.sparsity, prunen=0,
+             prunem=0, blocksize=config.block_size, percdamp=0.01)
+    peer = peer_baselines.run(config.torch_python, "sparsegpt",
+                              official_dir=config.official_sparsegpt, inputs=inputs, out=out,
+                              repeats=config.repeats, threads=os.cpu_count() or 1)
+    with np.load(out) as f:
+      peer["w"] = jnp.asarray(f["w"])
+  return peer
 
 
 def _relative_error(x, w, w_pruned):
@@ -169,18 +211,18 @@ def _relative_error(x, w, w_pruned):
   return float(jnp.sum((y - x @ w_pruned) ** 2) / jnp.sum(y**2))
 
 
-def _recon_table(config: Config):
-  """Prints the per-method reconstruction errors on real SmolLM2 activations."""
-  layers = list(config.recon_layers)
+def _recon_inputs(config: Config):
+  """(model, calibration windows, held-out windows) of the error table, checked against
+  the flags before any timing runs."""
   # Imported here: only this option needs the model and the text.
   from fpe_jax.data import austen, gguf_loader
-  from fpe_jax.models import llama
 
+  layers = list(config.recon_layers)
   with common.packaged_data():
     ckpt = gguf_loader.load_llama_gguf()
-  cfg, params = ckpt.config, jax.tree.map(jnp.asarray, ckpt.params)
-  if not all(0 <= layer < cfg.n_layers for layer in layers):
-    raise common.UsageError(f"--recon_layers: must be in [0, {cfg.n_layers}), got {layers}")
+  if not all(0 <= layer < ckpt.config.n_layers for layer in layers):
+    raise common.UsageError(
+        f"--recon_layers: must be in [0, {ckpt.config.n_layers}), got {layers}")
   llm_setup.check_context(ckpt, recon_window=config.recon_window)
   # A window longer than the text is the flag's; the text missing is the data's.
   with common.packaged_data(), common.blame("recon_window", ValueError):
@@ -188,6 +230,15 @@ def _recon_table(config: Config):
         lambda text: ckpt.tokenizer.encode(text).ids, calib_windows=config.recon_windows,
         calib_window=config.recon_window, eval_window=config.recon_window,
         eval_windows=config.recon_windows, seed=config.seed)
+  return ckpt, calib, held_out
+
+
+def _recon_table(config: Config, ckpt, calib, held_out):
+  """Prints the per-method reconstruction errors on real SmolLM2 activations."""
+  from fpe_jax.models import llama  # noqa: PLC0415 (this option only)
+
+  layers = list(config.recon_layers)
+  cfg, params = ckpt.config, jax.tree.map(jnp.asarray, ckpt.params)
   configs = [("50%", dict(sparsity=0.5)), ("70%", dict(sparsity=0.7)), ("2:4", dict(n_m=(2, 4)))]
   print(f"relative layer error ||XW - XW'||^2 / ||XW||^2, {calib.size} calibration tokens "
         f"(calib) and {held_out.size} held-out tokens (eval)")
@@ -224,15 +275,25 @@ def main(argv):
   if len(argv) > 1:
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
   config = config_from_flags()
+  recon = _recon_inputs(config) if config.recon_layers else None
   rng = np.random.default_rng(config.seed)
   print(f"backend={jax.default_backend()} sparsity={config.sparsity} "
         f"block_size={config.block_size} tokens={config.tokens} repeats={config.repeats}")
-  print(f"{'shape':>10} {'lazy_s':>8} {'naive_s':>8} {'ratio':>6} {'max|diff|':>10}")
+  print(f"{'shape':>10} {'lazy_s':>8} {'naive_s':>8} {'ratio':>6} {'max|diff|':>10}"
+        + ("  official_s  official/lazy  error official/lazy" if config.torch_python else ""))
   for d_in, d_out in config.shapes:
-    t_lazy, t_naive, diff = _bench_shape(d_in, d_out, rng, config)
-    print(f"{d_in}x{d_out:<5} {t_lazy:8.3f} {t_naive:8.3f} {t_naive / t_lazy:6.2f} {diff:10.2e}")
-  if config.recon_layers:
-    _recon_table(config)
+    t_lazy, t_naive, diff, official = _bench_shape(d_in, d_out, rng, config)
+    line = f"{d_in}x{d_out:<5} {t_lazy:8.3f} {t_naive:8.3f} {t_naive / t_lazy:6.2f} {diff:10.2e}"
+    if official:
+      line += (f"  {official['median_s']:10.3f}  {official['median_s'] / t_lazy:13.2f}  "
+               f"{official['error_ratio']:19.4f}")
+    print(line)
+  if config.torch_python:
+    print(f"official: IST-DASLab SparseGPT fasterprune, torch {official['torch_version']}, "
+          f"{official['threads']} threads; its unstructured masks prune floor(s * n) + 1 "
+          "weights per block (its sort threshold is inclusive), ours floor(s * n)")
+  if recon is not None:
+    _recon_table(config, *recon)
 
 
 if __name__ == "__main__":

@@ -307,6 +307,8 @@ TABLES["experiments.bench_sparsegpt"] = (
         (["--recon_layers=0", "--recon_windows=0"], "--recon_windows"),
         (["--recon_layers=0", "--recon_window=100000"], "--recon_window"),
         (["--tokens=" + BIG], "--tokens"),
+        (["--torch_python={tmp}/a_file"], "--torch_python"),
+        (["--official_sparsegpt={tmp}"], "--official_sparsegpt"),  # no sparsegpt.py there
     ])
 for _binary, (_base, _cases) in list(TABLES.items()):
   if not _binary.startswith("experiments.bench"):
