@@ -14,7 +14,10 @@ the compressed block. Within a block, down_proj is calibrated on the DENSE gate/
 intermediate when `dense_within_block` (the authors' code), else on the intermediate of the
 compressed gate/up. The held-out windows are pushed through each block as soon as it is
 compressed, so memory holds one block's activations (calibration + evaluation), never every
-layer's, and no compressed weights outlive their block.
+layer's, and no compressed weights outlive their block. After each compressed block the
+pipeline's state (`PipelineState`) goes to an `on_block` callback and can come back as
+`resume=`, so a binary that checkpoints it resumes a killed run after its last block;
+with a `mesh`, each block's calibration runs split over its `data` and `expert` axes.
 
 Everything here is pure (no I/O); the binaries in experiments/ add flags, files and plots.
 """
@@ -284,7 +287,6 @@ class PipelineResult:
   mean_nll: float
   layers: list[dict]
   ffns: dict[int, Params] | None = None
-
 
 
 @dataclasses.dataclass
