@@ -77,19 +77,49 @@ def _check_w(w) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Exact selection helpers (jit-able; counts are static).
+# Exact selection helpers (jit-able; counts may be traced).
 
 
 # Pruning counts are computed on the host (exact integer floors) and passed as traced int32,
 # so a sweep over sparsities reuses one compilation.
 
 
+def _bisect(count_at_most, target, lo: int, hi: int):
+  """Smallest integer t in [lo, hi] with count_at_most(t) >= target (count non-decreasing).
+
+  Runs the ceil(log2(hi - lo + 1)) halvings of a fixed-trip `fori_loop`; `hi` is returned
+  when no t qualifies.
+  """
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = count_at_most(mid) >= target
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  steps = max(int(hi - lo).bit_length(), 1)
+  return jax.lax.fori_loop(0, steps, halve, (jnp.int32(lo), jnp.int32(hi)))[0]
+
+
 def _keep_mask_lowest_flat(scores: jax.Array, num_prune: jax.Array) -> jax.Array:
-  """0/1 mask over all of `scores` pruning exactly `num_prune` lowest (ties by position)."""
-  order = jnp.argsort(scores.reshape(-1), stable=True)
-  keep_by_rank = (jnp.arange(scores.size) >= num_prune).astype(jnp.float32)
-  keep = jnp.zeros(scores.size, jnp.float32).at[order].set(keep_by_rank)
-  return keep.reshape(scores.shape)
+  """0/1 mask over all of `scores` (>= 0) pruning exactly `num_prune` lowest (ties by position).
+
+  A threshold search instead of a sort (XLA's CPU sort took ~0.15 s for a 1536 x 128 SparseGPT
+  block; this takes a few ms): non-negative floats order as their int32 bit patterns, so the
+  num_prune-th smallest score is found by bisecting its bits (31 counting passes), and when
+  several scores equal it, the last pruned position among them by bisecting positions.
+  """
+  flat = jnp.abs(scores.reshape(-1))  # -0.0 -> +0.0 (bits 0), the only change for scores >= 0
+  bits = jax.lax.bitcast_convert_type(flat, jnp.int32)
+  thresh = _bisect(lambda t: jnp.sum(bits <= t), num_prune, 0, 0x7F800000)  # up to +inf
+  below, at = bits < thresh, bits == thresh
+  ties_pruned = num_prune - jnp.sum(below)
+  pos = jnp.arange(flat.size, dtype=jnp.int32)
+  last_tie = jax.lax.cond(
+      jnp.sum(at) > ties_pruned,
+      lambda: _bisect(lambda p: jnp.sum(at & (pos <= p)), ties_pruned, 0, flat.size - 1),
+      lambda: jnp.int32(flat.size - 1))
+  prune = (below | (at & (pos <= last_tie))) & (num_prune > 0)
+  return (~prune).astype(jnp.float32).reshape(scores.shape)
 
 
 def _keep_mask_lowest_rows(scores: jax.Array, num_prune) -> jax.Array:

@@ -313,3 +313,19 @@ def test_bad_arguments_raise_one_line_errors(call, match):
   with pytest.raises(ValueError, match=match) as info:
     call(w, h)
   assert "\n" not in str(info.value)
+
+
+def test_magnitude_mask_is_the_stable_sort_selection_with_ties():
+  # The threshold search behind the masks against a stable sort: many exact ties (rounded
+  # values, zeros of both signs) and counts at the edges.
+  rng = np.random.default_rng(7)
+  w = np.round(rng.normal(size=(D_IN, D_OUT)), 1).astype(np.float32)
+  w[:5] = 0.0
+  w[5] = -0.0
+  for sparsity in (0.0, 0.001, 0.05, 0.5, 0.999):
+    _, mask = sparse.magnitude(w, sparsity=sparsity)
+    k = int(np.floor(sparsity * w.size))
+    order = np.argsort(np.abs(w).T.reshape(-1), kind="stable")  # position order: [d_out, d_in]
+    want = np.ones(w.size, np.float32)
+    want[order[:k]] = 0.0
+    np.testing.assert_array_equal(np.asarray(mask), want.reshape(D_OUT, D_IN).T)
