@@ -488,8 +488,7 @@ def _prune_block(w1, u1, num_prune, valid, *, n_m, sub):
     sub: static sub-block size, dividing width (and a multiple of m).
 
   Returns:
-    (w1, mask1, err1), each [width, d_out]: the pruned and updated weights, the 0/1 mask and
-    the scaled errors (the paper's Err1, transposed) for the later blocks.
+    (w1, mask1), each [width, d_out]: the pruned and updated weights and the 0/1 mask.
   """
   width, d_out = w1.shape
   diag = jnp.diagonal(u1)
@@ -538,7 +537,7 @@ def _prune_block(w1, u1, num_prune, valid, *, n_m, sub):
     return w1, keep
 
   w1, keep = jax.lax.fori_loop(0, -(-valid // sub), sub_block, (w1, keep))
-  return w1 * keep, keep, w1 * (1.0 - keep) / diag[:, None]
+  return w1 * keep, keep
 
 
 @functools.partial(jax.jit, static_argnames=("n_m", "block_size"))
@@ -548,10 +547,11 @@ def _sparsegpt(w, h, damp, damp_growth, max_tries, num_prune, *, n_m, block_size
   Blocks run in a `fori_loop` (one compiled body whatever d_in), the last one padded to the
   block width with zero weights on an identity factor. The paper applies each block's errors
   to all later inputs at once (W[:, i2:] -= Err1 U[i1:i2, i2:]), which needs U = V^-1. Here
-  block b instead gathers the updates of the earlier blocks c when it starts (left-looking),
-  from P_c = E_c U[c, c] plus everything block c received: since U V = I,
-  sum_{c<b} E_c U[c, b] = -(sum_{c<b} P_c V[c, b]) U[b, b], one [width, width] matmul per
-  pair c < b and only V's diagonal blocks inverted.
+  block b instead gathers the updates of the earlier blocks c when it starts (left-looking).
+  With P = E U (the total update of every input, P_c = W0_c - pruned W_c once block c is
+  done) and U V = I, P_b = sum_{c<b} E_c U[c, b] + E_b U[b, b] and P V = E give
+  sum_{c<b} E_c U[c, b] = -(sum_{c<b} P_c V[c, b]) U[b, b]: one [width, width] matmul per
+  pair c < b, and only V's diagonal blocks inverted.
   """
   d_in, d_out = w.shape
   w = w.astype(jnp.float32)
@@ -576,11 +576,11 @@ def _sparsegpt(w, h, damp, damp_growth, max_tries, num_prune, *, n_m, block_size
     gathered = jax.lax.fori_loop(0, b, lambda c, acc: acc + factor.v_blocks[b, c].T @ received[c],
                                  jnp.zeros((width, d_out), jnp.float32))
     u1 = factor.u_diag[b]
-    u1_t = u1.T
     valid = jnp.where(b == num_blocks - 1, last, width)
-    w1, mask1, err1 = _prune_block(weight_blocks[b] + u1_t @ gathered, u1, counts[b],
-                                   valid, n_m=n_m, sub=sub)
-    received = received.at[b].set(u1_t @ (err1 - gathered))
+    w1, mask1 = _prune_block(weight_blocks[b] + u1.T @ gathered, u1, counts[b], valid,
+                             n_m=n_m, sub=sub)
+    # P_b = (E U)[:, b] is everything that moved block b's weights: W0_b - (pruned W_b).
+    received = received.at[b].set(weight_blocks[b] - w1)
     return received, pruned.at[b].set(w1), mask.at[b].set(mask1)
 
   zeros = jnp.zeros_like(weight_blocks)
