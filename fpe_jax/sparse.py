@@ -363,7 +363,7 @@ def _triangular_inverse(upper: jax.Array) -> jax.Array:
     inverse_i = (e_i - upper_i @ inverse) / jax.lax.dynamic_index_in_dim(upper_i, i, keepdims=False)
     return jax.lax.dynamic_update_index_in_dim(inverse, inverse_i, i, 0)
 
-  return jax.lax.fori_loop(0, n, row, jnp.zeros_like(upper), unroll=4)
+  return jax.lax.fori_loop(0, n, row, jnp.zeros_like(upper))
 
 
 class _Factor(NamedTuple):
