@@ -1,9 +1,8 @@
 """One-shot pruning of linear layers: SparseGPT, Wanda and magnitude (unstructured and n:m).
 
 All functions take weights in the library layout `w: [d_in, d_out]` (y = x @ w). SparseGPT
-(Frantar & Alistarh 2023) is written in the paper's layout internally (`W = w.T`, rows are
-outputs, columns are inputs) so that the code reads like the paper; see
-../shared/docs/papers.md, section 2.
+(Frantar & Alistarh 2023; ../shared/docs/papers.md, section 2) runs in that layout too: the
+paper's W is w.T, its columns (inputs) are the rows of w here, and its "column i" is row i.
 
 Every pruner returns `(w_pruned, mask)`: `mask` is a float 0/1 array of `w`'s shape (1 =
 kept) and `w_pruned` is exactly zero wherever `mask` is 0. What "sparsity s" means is each
@@ -15,7 +14,8 @@ threshold that could catch several equal scores):
   score |w_ij| * ||X_i||_2.
 * sparsegpt: inputs are processed in blocks of `block_size` (the last one may be narrower);
   in each block of `width` inputs, `floor(s * width * d_out)` weights with the smallest
-  w^2 / [H^-1]_ii^2 (in the factored form of the paper) are pruned.
+  w^2 / [H^-1]_ii^2 (in the factored form of the paper) are pruned (the official code prunes
+  the scores up to the (floor + 1)-th smallest: one weight more per block).
 * n:m (all three): in every group of m consecutive inputs, the n lowest scores of each
   output are pruned, so every group keeps exactly m - n weights per output.
 
@@ -362,24 +362,84 @@ class SparseGPTResult(NamedTuple):
   ok: jax.Array
 
 
-def _upper_cholesky_of_inverse(h: jax.Array, damp_abs: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """U with (h + damp I)^-1 = U^T U (U upper), and whether it is a valid factor.
+def _triangular_inverse(upper: jax.Array) -> jax.Array:
+  """upper^-1 of an upper triangular [n, n] matrix, by back substitution in a fori_loop.
 
-  One Cholesky instead of the paper's three steps (factor, invert, factor again): with J
-  the reversal permutation, chol(J h J) = J V J gives h = V V^T with V upper, so
-  h^-1 = V^-T V^-1 and U = V^-1.
+  Row i of the inverse is (e_i - upper[i] @ inverse) / upper[i, i] once the rows after i are
+  known; the rows up to i are still zero then, so the full product is the right sum.
+  """
+  n = upper.shape[0]
+  eye = jnp.eye(n, dtype=upper.dtype)
+
+  def row(t, inverse):
+    i = n - 1 - t
+    upper_i = jax.lax.dynamic_index_in_dim(upper, i, keepdims=False)
+    e_i = jax.lax.dynamic_index_in_dim(eye, i, keepdims=False)
+    inverse_i = (e_i - upper_i @ inverse) / jax.lax.dynamic_index_in_dim(upper_i, i, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(inverse, inverse_i, i, 0)
+
+  return jax.lax.fori_loop(0, n, row, jnp.zeros_like(upper))
+
+
+class _Factor(NamedTuple):
+  """SparseGPT's factor in blocks of `width` inputs (d padded to nb * width).
+
+  Attributes:
+    v_blocks: [nb, nb, width, width], v_blocks[b, c] = block (c, b) of V, where
+      h + damp I = V V^T with V upper (padding: identity); zero for c > b.
+    u_diag: [nb, width, width] the diagonal blocks of U = V^-1 (the inverses of V's).
+  """
+
+  v_blocks: jax.Array
+  u_diag: jax.Array
+
+
+def _upper_cholesky(h: jax.Array, damp_abs: jax.Array, width: int) -> tuple[_Factor, jax.Array]:
+  """V with h + damp I = V V^T (V upper) in blocks, and whether it is a valid factor.
+
+  The paper's factor U (H^-1 = U^T U, U upper) is V^-1: with J the reversal permutation,
+  chol(J h J) = J V J gives h = V V^T, so h^-1 = V^-T V^-1. The paper factors, inverts and
+  factors again; `_sparsegpt` needs only V's blocks and the inverses of its diagonal blocks,
+  which one blocked pass from the bottom-right corner gives: LAPACK factors only the
+  [width, width] diagonal blocks, XLA does the rest (matmuls, back substitution) in
+  fori_loops. OpenBLAS's threaded factorisation of a whole matrix is fast on an idle CPU
+  but stalls when other processes load it: on the shared 2-core CPU, 20 interleaved calls
+  each for a 576 x 576 (1536 x 1536) h took a median of 1.08 s (0.23 s), at most 1.15 s
+  (2.7 s), and this pass a median of 22 ms (104 ms), at most 32 ms (167 ms).
   """
   d = h.shape[0]
-  eye = jnp.eye(d, dtype=h.dtype)
-  lower_rev = jnp.linalg.cholesky((h + damp_abs * eye)[::-1, ::-1])
-  upper_v = lower_rev[::-1, ::-1]
-  upper = jax.scipy.linalg.solve_triangular(upper_v, eye, lower=False)
-  ok = jnp.all(jnp.isfinite(upper)) & jnp.all(jnp.diagonal(upper) > 0)
-  return upper, ok
+  num_blocks = -(-d // width)
+  d_pad = num_blocks * width
+  damped = jnp.pad(h + damp_abs * jnp.eye(d, dtype=h.dtype), ((0, d_pad - d),) * 2)
+  damped = damped + jnp.diag(jnp.arange(d_pad) >= d).astype(h.dtype)
+  h_cols = damped.reshape(d_pad, num_blocks, width).transpose(1, 0, 2)  # [b]: h[:, block b]
+  row_block = jnp.arange(d_pad) // width
+
+  def column(t, carry):
+    v_cols, u_diag = carry  # v_cols[c] = V[:, block c], known for c > b
+    b = num_blocks - 1 - t
+    # V[:, b] V[b, b]^T = h[:, b] - sum_{c > b} V[:, c] V[b, c]^T.
+    def minus_later(c, rest):
+      return rest - v_cols[c] @ jax.lax.dynamic_slice_in_dim(v_cols[c], b * width, width).T
+    rest = jax.lax.fori_loop(b + 1, num_blocks, minus_later, h_cols[b])
+    v_bb = jnp.linalg.cholesky(jax.lax.dynamic_slice_in_dim(rest, b * width, width)[::-1, ::-1])
+    v_bb = v_bb[::-1, ::-1]
+    u_bb = _triangular_inverse(v_bb)
+    v_col = jnp.where((row_block < b)[:, None], rest @ u_bb.T, 0.0)
+    v_col = jax.lax.dynamic_update_slice_in_dim(v_col, v_bb, b * width, 0)
+    return v_cols.at[b].set(v_col), u_diag.at[b].set(u_bb)
+
+  init = (jnp.zeros((num_blocks, d_pad, width), h.dtype),
+          jnp.zeros((num_blocks, width, width), h.dtype))
+  v_cols, u_diag = jax.lax.fori_loop(0, num_blocks, column, init)
+  ok = (jnp.all(jnp.isfinite(v_cols)) & jnp.all(jnp.isfinite(u_diag))
+        & jnp.all(jnp.diagonal(u_diag, axis1=-2, axis2=-1) > 0))
+  v_blocks = v_cols.reshape(num_blocks, num_blocks, width, width)
+  return _Factor(v_blocks, u_diag), ok
 
 
-def _damped_inverse_factor(h, damp, damp_growth, max_tries):
-  """Cholesky of the damped inverse, retrying with growing damping inside a while_loop.
+def _damped_cholesky(h, damp, damp_growth, max_tries, width):
+  """`_upper_cholesky` of h, retrying with growing damping inside a while_loop.
 
   A while_loop (not a host loop) keeps SparseGPT jit-able and vmap-able over experts: under
   vmap it runs until every expert's factorisation succeeded, each keeping its first success.
@@ -396,81 +456,152 @@ def _damped_inverse_factor(h, damp, damp_growth, max_tries):
 
   def body(state):
     i, _, _ = state
-    upper, ok = _upper_cholesky_of_inverse(h, damp_at(i + 1) * mean_diag)
-    return i + 1, upper, ok
+    factor, ok = _upper_cholesky(h, damp_at(i + 1) * mean_diag, width)
+    return i + 1, factor, ok
 
-  init = (jnp.int32(-1), jnp.zeros_like(h), jnp.asarray(False))
-  i, upper, ok = jax.lax.while_loop(cond, body, init)
-  return upper, damp_at(i), ok
+  shapes = jax.eval_shape(lambda: _upper_cholesky(h, mean_diag, width)[0])
+  init = (jnp.int32(-1), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+          jnp.asarray(False))
+  i, factor, ok = jax.lax.while_loop(cond, body, init)
+  return factor, damp_at(i), ok
 
 
-def _prune_block(w1, u1, num_prune, *, n_m):
-  """Column-by-column OBS updates inside one block (paper layout).
+def _keep_mask_group(scores: jax.Array, n: int) -> jax.Array:
+  """0/1 mask over `scores: [m, r]` pruning the n lowest of each column (ties by position).
+
+  Ranks from all m * m comparisons: for SparseGPT's small groups 6x (m = 4) and 10x (m = 8)
+  faster on CPU than sorting each of 1536 columns.
+  """
+  m = scores.shape[0]
+  earlier = (jnp.arange(m)[None, :] < jnp.arange(m)[:, None])[:, :, None]  # [j, k, 1]: k < j
+  other, this = scores[None, :, :], scores[:, None, :]
+  rank = jnp.sum((other < this) | ((other == this) & earlier), axis=1)
+  return (rank >= n).astype(jnp.float32)
+
+
+def _sub_block_size(width: int, n_m) -> int:
+  """Inputs per sub-block: the largest divisor of `width` up to 32, a multiple of n:m's m."""
+  unit = 1 if n_m is None else n_m[1]
+  return unit * max(g for g in range(1, max(32 // unit, 1) + 1) if (width // unit) % g == 0)
+
+
+def _prune_block(w1, u1, num_prune, valid, *, n_m, sub):
+  """SparseGPT's input-by-input OBS updates inside one block (library layout).
+
+  Sub-blocks of `sub` inputs run in turn, and inside one the inputs (left-looking): an input's
+  current value is its value at the sub-block's start minus the errors of the sub-block's
+  earlier inputs times its column of U, one [sub] x [sub, d_out] product. A sub-block's errors
+  then update the block's later inputs in one matmul. The paper's loop instead rewrites the
+  whole [d_out, width] block after every input.
 
   Args:
-    w1: [rows, width] the block's weights after the lazy updates of earlier blocks.
-    u1: [width, width] the block's diagonal part of U (upper triangular).
+    w1: [width, d_out] the block's weights after the updates from earlier blocks.
+    u1: [width, width] the block's diagonal block of U (upper triangular).
     num_prune: [] int, weights to prune in the block (unstructured only).
+    valid: [] int, inputs of the block that are real (the rest pad the last block).
     n_m: static (n, m) or None.
+    sub: static sub-block size, dividing width (and a multiple of m).
 
   Returns:
-    (w1, mask1, err1): w1 with every column updated (pruned entries not yet zeroed),
-    mask1 [rows, width] 0/1, err1 [rows, width] the scaled errors for the lazy update.
+    (w1, mask1), each [width, d_out]: the pruned and updated weights and the 0/1 mask.
   """
-  rows, width = w1.shape
+  width, d_out = w1.shape
   diag = jnp.diagonal(u1)
   if n_m is None:
-    mask1 = _keep_mask_lowest_flat(w1**2 / diag[None, :] ** 2, num_prune)
+    scores = jnp.where(jnp.arange(width)[:, None] < valid, (w1 / diag[:, None]) ** 2, jnp.inf)
+    # Ties go by position in the paper's layout [d_out, width], as the reference breaks them.
+    keep = _keep_mask_lowest_flat(scores.T, num_prune).T
   else:
-    mask1 = jnp.ones_like(w1)
+    keep = jnp.ones_like(w1)
   n, m = n_m if n_m is not None else (0, 1)
+  subs = np.arange(width) // sub
+  u_later_t = (u1 * jnp.asarray(subs[None, :] > subs[:, None], u1.dtype)).T
 
-  def body(i, carry):
-    w1, mask1, err1 = carry
-    if n_m is not None:
-      # A group's mask is chosen when the loop reaches its first column, from the weights
-      # as updated by the columns before it (as in the reference implementation).
-      group = jax.lax.dynamic_slice(w1, (0, i), (rows, m)) ** 2
-      group = group / jax.lax.dynamic_slice(diag, (i,), (m,))[None, :] ** 2
-      updated = jax.lax.dynamic_update_slice(mask1, _keep_mask_lowest_rows(group, n), (0, i))
-      mask1 = jnp.where(i % m == 0, updated, mask1)
-    col = w1[:, i]
-    err = col * (1.0 - mask1[:, i]) / u1[i, i]
-    # u1 is upper triangular, so the rank-one update leaves columns before i untouched.
-    w1 = w1 - err[:, None] * u1[i][None, :]
-    return w1, mask1, err1.at[:, i].set(err)
+  def sub_block(j, carry):
+    w1, keep = carry
+    j1 = j * sub
+    start = jax.lax.dynamic_slice_in_dim(w1, j1, sub)  # [sub, d_out]
+    u_sub = jax.lax.dynamic_slice(u1, (j1, j1), (sub, sub))
 
-  w1, mask1, err1 = jax.lax.fori_loop(0, width, body, (w1, mask1, jnp.zeros_like(w1)))
-  return w1, mask1, err1
+    def group(g, state):  # the m inputs of an n:m group (one input when unstructured)
+      current, errs, keep = state
+      i0 = g * m
+      if n_m is None:
+        keep_group = jax.lax.dynamic_slice_in_dim(keep, j1 + i0, 1)
+      else:
+        # A group's mask is chosen when the loop reaches its first input, from the weights
+        # as updated by the inputs before it (as in the reference implementation).
+        cols = jax.lax.dynamic_slice_in_dim(u_sub, i0, m, axis=1)  # [sub, m]
+        values = jax.lax.dynamic_slice_in_dim(start, i0, m) - cols.T @ errs
+        diag_group = jax.lax.dynamic_slice_in_dim(jnp.diagonal(u_sub), i0, m)
+        keep_group = _keep_mask_group((values / diag_group[:, None]) ** 2, n)
+        keep = jax.lax.dynamic_update_slice_in_dim(keep, keep_group, j1 + i0, 0)
+      for k in range(m):
+        i = i0 + k
+        u_col = jax.lax.dynamic_index_in_dim(u_sub, i, 1, keepdims=False)  # [sub]
+        x = jax.lax.dynamic_index_in_dim(start, i, 0, keepdims=False) - u_col @ errs
+        err = x * (1.0 - keep_group[k]) / jax.lax.dynamic_index_in_dim(u_col, i, 0, False)
+        current = jax.lax.dynamic_update_index_in_dim(current, x, i, 0)
+        errs = jax.lax.dynamic_update_index_in_dim(errs, err, i, 0)
+      return current, errs, keep
+
+    zeros = jnp.zeros((sub, d_out), w1.dtype)
+    current, errs, keep = jax.lax.fori_loop(0, sub // m, group, (zeros, zeros, keep))
+    w1 = w1 - jax.lax.dynamic_slice_in_dim(u_later_t, j1, sub, axis=1) @ errs
+    w1 = jax.lax.dynamic_update_slice_in_dim(w1, current, j1, 0)
+    return w1, keep
+
+  w1, keep = jax.lax.fori_loop(0, -(-valid // sub), sub_block, (w1, keep))
+  return w1 * keep, keep
 
 
 @functools.partial(jax.jit, static_argnames=("n_m", "block_size"))
 def _sparsegpt(w, h, damp, damp_growth, max_tries, num_prune, *, n_m, block_size):
-  """num_prune: [2] int32, weights pruned in a full block and in the narrower last one."""
+  """num_prune: [2] int32, weights pruned in a full block and in the narrower last one.
+
+  Blocks run in a `fori_loop` (one compiled body whatever d_in), the last one padded to the
+  block width with zero weights on an identity factor. The paper applies each block's errors
+  to all later inputs at once (W[:, i2:] -= Err1 U[i1:i2, i2:]), which needs U = V^-1. Here
+  block b instead gathers the updates of the earlier blocks c when it starts (left-looking).
+  With P = E U (the total update of every input, P_c = W0_c - pruned W_c once block c is
+  done) and U V = I, P_b = sum_{c<b} E_c U[c, b] + E_b U[b, b] and P V = E give
+  sum_{c<b} E_c U[c, b] = -(sum_{c<b} P_c V[c, b]) U[b, b]: one [width, width] matmul per
+  pair c < b, and only V's diagonal blocks inverted.
+  """
   d_in, d_out = w.shape
   w = w.astype(jnp.float32)
   h = h.astype(jnp.float32)
   dead = jnp.diagonal(h) == 0
   h = h + jnp.diag(dead.astype(h.dtype))
-  weights = jnp.where(dead[None, :], 0.0, w.T)  # paper layout [rows = d_out, cols = d_in]
-  upper, damp_used, ok = _damped_inverse_factor(h, damp, damp_growth, max_tries)
-
-  # Blocks are unrolled with static slices, so each lazy update is one matmul over only
-  # the columns after its block (no masked full-width update, no special last block), at
-  # one compiled body per block (d_in / block_size: 5 and 12 for SmolLM2). On CPU the
-  # time is ~90% the column loop inside the blocks (`_prune_block`), not these matmuls.
   width = min(block_size, d_in)
-  mask = jnp.ones_like(weights)
-  for i1 in range(0, d_in, width):
-    i2 = min(i1 + width, d_in)
-    w1, mask1, err1 = _prune_block(weights[:, i1:i2], upper[i1:i2, i1:i2],
-                                   num_prune[0 if i2 - i1 == width else 1], n_m=n_m)
-    weights = weights.at[:, i1:i2].set(w1 * mask1)
-    mask = mask.at[:, i1:i2].set(mask1)
-    if i2 < d_in:
-      weights = weights.at[:, i2:].add(-err1 @ upper[i1:i2, i2:])
-  weights = jnp.where(dead[None, :], 0.0, weights)
-  return SparseGPTResult(weights.T, mask.T, damp_used, ok)
+  factor, damp_used, ok = _damped_cholesky(h, damp, damp_growth, max_tries, width)
+
+  num_blocks = -(-d_in // width)
+  d_pad = num_blocks * width
+  last = d_in - (num_blocks - 1) * width
+  weights = jnp.pad(jnp.where(dead[:, None], 0.0, w), ((0, d_pad - d_in), (0, 0)))
+  blocks = jnp.arange(num_blocks)
+  weight_blocks = weights.reshape(num_blocks, width, d_out)
+  counts = jnp.where(blocks == num_blocks - 1, num_prune[1] if last < width else num_prune[0],
+                     num_prune[0])
+  sub = _sub_block_size(width, n_m)
+
+  def block(b, carry):
+    received, pruned, mask = carry  # received[c] = P_c^T for c < b
+    gathered = jax.lax.fori_loop(0, b, lambda c, acc: acc + factor.v_blocks[b, c].T @ received[c],
+                                 jnp.zeros((width, d_out), jnp.float32))
+    u1 = factor.u_diag[b]
+    valid = jnp.where(b == num_blocks - 1, last, width)
+    w1, mask1 = _prune_block(weight_blocks[b] + u1.T @ gathered, u1, counts[b], valid,
+                             n_m=n_m, sub=sub)
+    # P_b = (E U)[:, b] is everything that moved block b's weights: W0_b - (pruned W_b).
+    received = received.at[b].set(weight_blocks[b] - w1)
+    return received, pruned.at[b].set(w1), mask.at[b].set(mask1)
+
+  zeros = jnp.zeros_like(weight_blocks)
+  _, pruned, mask = jax.lax.fori_loop(0, num_blocks, block, (zeros, zeros, zeros))
+  pruned = jnp.where(dead[:, None], 0.0, pruned.reshape(d_pad, d_out)[:d_in])
+  return SparseGPTResult(pruned, mask.reshape(d_pad, d_out)[:d_in], damp_used, ok)
 
 
 def sparsegpt_with_info(
@@ -539,10 +670,10 @@ def sparsegpt(
   """SparseGPT one-shot pruning (Frantar & Alistarh 2023) with lazy block updates.
 
   Dead inputs (h_ii = 0) get h_ii = 1 and a zero row in the result. h is damped with
-  damp * mean(diag h) * I; when the Cholesky factorisation of the damped h or of its
-  inverse fails (small clusters give singular or numerically indefinite Hessians), it is
-  retried with max(damp, 0.01) * damp_growth**i for i = 1 .. max_damp_tries - 1, inside
-  one jitted `lax.while_loop`. Called eagerly, a total failure raises; inside a caller's
+  damp * mean(diag h) * I; when its Cholesky factorisation fails or is not finite (small
+  clusters give singular or numerically indefinite Hessians), it is retried with
+  max(damp, 0.01) * damp_growth**i for i = 1 .. max_damp_tries - 1, inside one jitted
+  `lax.while_loop`. Called eagerly, a total failure raises; inside a caller's
   jit/vmap it cannot, so use `sparsegpt_with_info` there and check `ok`.
 
   Args:
@@ -553,8 +684,10 @@ def sparsegpt(
       block of `width` inputs. Ignored when `n_m` is given.
     n_m: optional (n, m), 0 <= n < m: prune the n lowest of every m consecutive inputs of
       each output (d_in and block_size must be multiples of m).
-    block_size: inputs per block (the paper's B = 128). Blocks are unrolled at trace
-      time, so compile time grows with d_in / block_size (prefer 32 or more).
+    block_size: inputs per block (the paper's B = 128); the blocks run in one compiled
+      loop whatever d_in / block_size. It is also the width of the diagonal blocks that
+      LAPACK factors, and a sequential loop runs over each block's inputs, so very large
+      blocks are slow.
     damp: relative damping (the paper's 0.01).
     damp_growth: factor between retries.
     max_damp_tries: number of dampings tried, the first included.

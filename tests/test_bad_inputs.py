@@ -298,6 +298,9 @@ TABLES["experiments.bench_sparsegpt"] = (
         (["--shapes=64x64,64x64"], "--shapes"),
         (["--sparsity=1"], "--sparsity"),
         (["--sparsity=nan"], "--sparsity"),
+        (["--n_m=2:2"], "--n_m"),
+        (["--n_m=2-4"], "--n_m"),
+        (["--n_m=3:5"], "--n_m"),  # 5 does not divide d_in = 64
         (["--block_size=0"], "--block_size"),
         (["--tokens=0"], "--tokens"),
         (["--repeats=0"], "--repeats"),
