@@ -351,7 +351,8 @@ def main(argv):
     for pattern in patterns:
       name = f"{config.sparsity:.0%}" if pattern is None else f"{pattern[0]}:{pattern[1]}"
       t_ours, t_naive, first, agree, rel, official = _bench(w, h, x, pattern, config)
-      line = (f"{f'{d_in}x{d_out}':>10} {name:>7} {t_ours:9.3f} {t_naive:8.3f} {t_naive / t_ours:6.2f} "
+      shape = f"{d_in}x{d_out}"
+      line = (f"{shape:>10} {name:>7} {t_ours:9.3f} {t_naive:8.3f} {t_naive / t_ours:6.2f} "
               f"{first:7.2f} {agree:10.6f} {rel:9.2e}")
       if official:
         line += (f"  {official['median_s']:10.3f} {official['median_s'] / t_ours:13.2f} "

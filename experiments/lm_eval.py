@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 from absl import flags
@@ -41,8 +42,10 @@ flags.DEFINE_enum("expert_matmul", None, implementations.IMPLEMENTATIONS,
 flags.DEFINE_string("out", "", "Also write the figures to this JSON file (must not exist).")
 flags.DEFINE_bool("timing", False, "Also time prefill (the held-out windows) and greedy "
                   "decode of the model and of the dense model, in this process.")
+flags.DEFINE_integer("timing_repeats", 3, "Timed calls of each (--timing); the median counts.")
 
 common.flag_validator("num_tokens", lambda v: v >= 0, "must be >= 0")
+common.flag_validator("timing_repeats", lambda v: v >= 1, "must be >= 1")
 for _name in ("eval_windows", "eval_window", "batch_size"):
   common.flag_validator(_name, lambda v: v >= 0, "must be >= 0 (0: the run's)")
 common.flag_validator("eval_window", lambda v: v != 1, "must be >= 2 (or 0: the run's)")
@@ -74,28 +77,46 @@ def _timing(ckpt, ffns: dict, held_out, prompt: list[int], setup) -> dict:
   """Tokens/s of prefill (every held-out window, in the run's batches) and of greedy decode
   (batch 1, --num_tokens after the prompt, no KV cache: each token recomputes the padded
   window), for the model and for the dense model, by the same code on the same tokens.
-  Each is timed on its second call: the first compiles."""
+  Each is the median of --timing_repeats calls after a first one, which compiles; the
+  model's and the dense model's calls alternate, so a change in the machine's load hits
+  both alike."""
   def seconds(fn):
-    fn()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
   kw = dict(implementation=setup.expert_matmul)
-  out = {}
-  for name, model_ffns in (("model", ffns), ("dense", {})):
-    prefill = seconds(lambda f=model_ffns: se.compressed_perplexity(
-        ckpt.config, ckpt.params, f, held_out, batch_size=setup.batch_size, **kw))
-    decode = seconds(lambda f=model_ffns: se.compressed_greedy(
-        ckpt.config, ckpt.params, f, prompt, FLAGS.num_tokens, **kw)) if FLAGS.num_tokens else 0
-    out[name] = {"prefill_tokens_per_s": held_out.size / prefill,
-                 "decode_tokens_per_s": FLAGS.num_tokens / decode if decode else None}
-  for name, t in out.items():
+  models = {"model": ffns, "dense": {}}
+  calls = {
+      (name, "prefill"): lambda f=f: se.compressed_perplexity(
+          ckpt.config, ckpt.params, f, held_out, batch_size=setup.batch_size, **kw)
+      for name, f in models.items()}
+  if FLAGS.num_tokens:
+    calls.update({(name, "decode"): lambda f=f: se.compressed_greedy(
+        ckpt.config, ckpt.params, f, prompt, FLAGS.num_tokens, **kw)
+        for name, f in models.items()})
+  times = {key: [] for key in calls}
+  for repeat in range(FLAGS.timing_repeats + 1):  # round 0 compiles and is not counted
+    for key, call in calls.items():
+      dt = seconds(call)
+      if repeat:
+        times[key].append(dt)
+  median = {key: statistics.median(t) for key, t in times.items()}
+  out = {name: {"prefill_tokens_per_s": held_out.size / median[name, "prefill"],
+                "decode_tokens_per_s": FLAGS.num_tokens / median[name, "decode"]
+                if FLAGS.num_tokens else None}
+         for name in models}
+  out["repeats"] = FLAGS.timing_repeats
+  for name in models:
+    t = out[name]
     decode = t["decode_tokens_per_s"]
     print(f"{name:>5}: prefill {t['prefill_tokens_per_s']:,.0f} tokens/s, greedy decode "
           + (f"{decode:.2f} tokens/s (no KV cache)" if decode else "not run"), flush=True)
   out["prefill_speedup_vs_dense"] = (out["model"]["prefill_tokens_per_s"]
                                      / out["dense"]["prefill_tokens_per_s"])
+  out["decode_speedup_vs_dense"] = (out["model"]["decode_tokens_per_s"]
+                                    / out["dense"]["decode_tokens_per_s"]
+                                    if FLAGS.num_tokens else None)
   return out
 
 

@@ -10,16 +10,34 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def subprocess_env(devices: int = 1) -> dict:
-  """A binary's environment: CPU, the repository importable, `devices` CPU devices.
+# The persistent compilation caches of the session's binaries, under the folder that
+# conftest.py makes for the session ($FPE_JAX_TEST_COMPILE_CACHE). The end-to-end tests run
+# the same tiny programs dozens of times, and compiling them afresh in every process was
+# most of their time; a cached executable is the one a fresh compile would build (the
+# tests' results are bit-equal either way). A process the tests interrupt gets a cache of
+# its own: jax writes an entry in place, so a kill mid-write can leave a truncated one,
+# which later readers report on stderr (and recompile), harmless only where no test
+# counts stderr's lines.
+COMPILE_CACHES = ("shared", "interrupted")
+
+
+def subprocess_env(devices: int = 1, compile_cache: str | None = "shared") -> dict:
+  """A binary's environment: CPU, the repository importable, `devices` CPU devices, and
+  the session's `compile_cache` (one of COMPILE_CACHES; None: compile everything afresh).
 
   tests/conftest.py fakes 8 devices for this process; a binary gets one unless asked
-  (like a user's laptop run). No persistent compile cache: each run compiles afresh.
+  (like a user's laptop run).
   """
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
   if devices > 1:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  root = env.pop("FPE_JAX_TEST_COMPILE_CACHE", "")
+  if compile_cache is not None and root:
+    assert compile_cache in COMPILE_CACHES, compile_cache
+    env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(root, compile_cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
 
 
@@ -76,7 +94,8 @@ def kill_in_every_first_save(module: str, args: list[str], kill_log, *, window_s
   Returns:
     (the finished run's CompletedProcess, the number of runs killed, the phases killed).
   """
-  env = dict(subprocess_env(), KILL_LOG=str(kill_log), KILL_WINDOW_S=str(window_s))
+  env = dict(subprocess_env(compile_cache="interrupted"), KILL_LOG=str(kill_log),
+             KILL_WINDOW_S=str(window_s))
   if after_save:
     env["KILL_AFTER_SAVE"] = "1"
   killed = 0
@@ -101,7 +120,8 @@ def kill_after_logged(module: str, args: list[str], metrics_jsonl, records: int,
                       timeout: float = 600) -> None:
   """Starts `module` and SIGKILLs it once its metrics.jsonl holds `records` lines."""
   proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
-                          env=subprocess_env(), stdout=subprocess.DEVNULL,
+                          env=subprocess_env(compile_cache="interrupted"),
+                          stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + timeout
   while proc.poll() is None and time.time() < deadline:

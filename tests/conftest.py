@@ -4,6 +4,8 @@ XLA reads XLA_FLAGS once, when the backend starts, so this must run before any t
 imports jax (conftest is imported first by pytest).
 """
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -24,3 +26,12 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if item.path.name in END_TO_END:
       item.add_marker(pytest.mark.end_to_end)
+
+
+def pytest_configure(config):
+  """The folder of the binaries' compilation caches for this session (tests/binaries.py)."""
+  os.environ["FPE_JAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="fpe_jax_compile_cache_")
+
+
+def pytest_unconfigure(config):
+  shutil.rmtree(os.environ.pop("FPE_JAX_TEST_COMPILE_CACHE", ""), ignore_errors=True)

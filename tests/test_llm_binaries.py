@@ -123,7 +123,8 @@ def test_a_saved_model_reloads_in_a_fresh_process_to_the_reported_perplexity(tmp
       compressed_models.folder_name(name): row["perplexity"] for name, row in rows.items()}
   model = run / "models" / compressed_models.folder_name("sparse_expansion/50%/K=2")
   out = tmp_path / "eval.json"
-  result = _lm_eval(f"--model={model}", "--num_tokens=4", "--timing", f"--out={out}")
+  result = _lm_eval(f"--model={model}", "--num_tokens=4", "--timing", "--timing_repeats=1",
+                    f"--out={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   figures = json.loads(out.read_text())
   # The same float, not a close one: the same blocks, batches and compiled steps.
@@ -154,6 +155,7 @@ def test_a_bad_saved_model_is_refused_on_one_line(tmp_path, clean_run):
       ([f"--model={copy}"], "--model", "damaged"),
       ([f"--model={model}", f"--model_path={tmp_path / 'no.gguf'}"], "--model_path", "not a"),
       ([f"--model={model}", f"--out={copy / 'model.json'}"], "--out", "exists"),
+      ([f"--model={model}", "--timing_repeats=0"], "--timing_repeats", "must be >= 1"),
   ]:
     result = _lm_eval(*args)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
