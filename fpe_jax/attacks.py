@@ -309,8 +309,9 @@ def apgd_windows(steps: int | jax.Array) -> tuple[Any, Any, Any]:
 
   The first checkpoint comes after `first` steps; each window is `decrement` shorter than
   the one before, never shorter than `least`: the official code's max(int(0.22 N), 1),
-  max(int(0.03 N), 1) and max(int(0.06 N), 1), in integer arithmetic so that a traced
-  budget gives the same windows as a Python one (0.22 * 50 is 11, 0.22f * 50 is 10.99...).
+  max(int(0.03 N), 1) and max(int(0.06 N), 1) (for small N not the paper's ceil(p_j N),
+  which they equal at N = 100), in integer arithmetic: exact whether `steps` is a Python
+  int or traced.
   """
   at_least_one = lambda v: jnp.maximum(v, 1) if isinstance(v, jax.Array) else max(v, 1)
   return (at_least_one(22 * steps // 100), at_least_one(3 * steps // 100),
