@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import common
+from experiments import common, optimizer_flags
 from fpe_jax import ensemble, fpe, metrics, nn, sharding, train
 from kernels_pallas import implementations
 from kernels_pallas.block_sparse import BlockSparseMask
@@ -857,9 +857,8 @@ def define_training_flags(**defaults) -> None:
     TypeError: if `defaults` names a flag this function does not define.
   """
   d = {"alphas": ["2", "4"], "seeds": 3, "seed": 0, "warmup_steps": 500, "steps": 5000,
-       "chunk_steps": 500, "batch_size": 128, "optimizer": "adam", "learning_rate": 1e-3,
-       "weight_decay": 0.0, "schedule": "constant", "schedule_boundaries": [],
-       "schedule_decay": 0.1, "bias": "copy", "budget": "global", "matmul": "xla"}
+       "chunk_steps": 500, "batch_size": 128, **optimizer_flags.DEFAULTS,
+       "bias": "copy", "budget": "global", "matmul": "xla"}
   unknown = sorted(set(defaults) - set(d))
   if unknown:
     raise TypeError(f"define_training_flags: no flag named {', '.join(unknown)}; "
@@ -876,18 +875,10 @@ def define_training_flags(**defaults) -> None:
   flags.DEFINE_integer("chunk_steps", d["chunk_steps"],
                        "Steps per jitted call: the log and checkpoint period.")
   flags.DEFINE_integer("batch_size", d["batch_size"], "Minibatch size.")
-  flags.DEFINE_enum("optimizer", d["optimizer"], train.OPTIMIZERS, "Optimiser.")
-  flags.DEFINE_float("learning_rate", d["learning_rate"], "(Initial) learning rate.")
-  flags.DEFINE_float("weight_decay", d["weight_decay"], "Weight decay: L2 for adam and sgd, "
-                     "decoupled for adamw (train.make_optimizer); 0: none.")
-  flags.DEFINE_enum("schedule", d["schedule"], train.SCHEDULES, "Learning-rate schedule of "
-                    "the global step (the FPE arms' fresh optimiser after the expansion "
-                    "continues it); cosine decays over --warmup_steps + --steps.")
-  flags.DEFINE_list("schedule_boundaries", d["schedule_boundaries"],
-                    "--schedule=step: the steps at which the rate is multiplied by "
-                    "--schedule_decay.")
-  flags.DEFINE_float("schedule_decay", d["schedule_decay"],
-                     "--schedule=step: the factor, in (0, 1].")
+  optimizer_flags.define(
+      "of the global step: the FPE arms' fresh optimiser after the expansion continues it; "
+      "cosine decays over --warmup_steps + --steps",
+      **{name: d[name] for name in optimizer_flags.DEFAULTS})
   flags.DEFINE_enum("bias", d["bias"], fpe.BIAS_MODES, "Child biases (fpe.expand).")
   flags.DEFINE_enum("budget", d["budget"], fpe.BUDGET_MODES,
                     "Budget-restoring prune over the expanded layers (fpe.expand).")
@@ -902,14 +893,6 @@ def define_training_flags(**defaults) -> None:
     common.flag_validator(name, lambda v: v >= 1, "must be >= 1")
   common.flag_validator("warmup_steps", lambda v: v >= 0, "must be >= 0")
   common.seed_validator("seed")
-  common.flag_validator("learning_rate", lambda v: 0 < v < float("inf"),
-                        "must be a finite number > 0")
-  common.flag_validator("weight_decay", lambda v: 0 <= v < float("inf"),
-                        "must be a finite number >= 0")
-  common.flag_validator("schedule_boundaries", lambda v: (x := common.int_list(v)) is not None
-                        and x == sorted(set(x)) and all(b >= 1 for b in x),
-                        "a comma list of increasing steps >= 1, e.g. 1000,2000")
-  common.flag_validator("schedule_decay", lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 
 # The largest dense model a sweep trains, as a multiple of its smallest: a sanity bound
@@ -957,9 +940,7 @@ def sweep_config(values, *, widths: Sequence[int], arms: Sequence[str],
   devices = len(jax.devices())
   common.validate("batch_size", values.batch_size % devices == 0,
                   f"must be divisible by the {devices} devices of the data mesh")
-  boundaries = tuple(common.int_list(values.schedule_boundaries))
-  common.validate("schedule_boundaries", bool(boundaries) == (values.schedule == "step"),
-                  "needed by --schedule=step, and only by it")
+  boundaries = optimizer_flags.schedule_boundaries(values)
   order = ("dense",) + fpe.SPLITS + ("dropconnect",)
   return SweepConfig(
       widths=tuple(sorted(set(widths))),

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import common
+from experiments import common, optimizer_flags
 from fpe_jax import attacks, ensemble, sharding, train
 from fpe_jax.data import fashion_mnist, mnist5k, subsets
 from fpe_jax.models import cnn
@@ -117,7 +117,7 @@ flags.DEFINE_integer("trs_adv_steps", ensemble.DEFAULT_LOSS_CONFIG.trs_adv_steps
 for _name in ("trs_adv_eps_start", "trs_adv_eps_end"):
   common.flag_validator(_name, lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
 common.flag_validator("trs_adv_steps", lambda v: v >= 1, "must be >= 1")
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
+optimizer_flags.define("of the training step; cosine decays over --train_steps")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("train_steps", 2000, "Optimiser steps per ensemble.")
 flags.DEFINE_integer("chunk_steps", 100, "Steps per jitted chunk (checkpoint interval).")
@@ -176,8 +176,6 @@ for _name in ("num_members", "n_eval", "eval_batch_size", "width", "hidden", "ba
   common.flag_validator(_name, lambda v: v >= 1, "must be >= 1")
 for _name in ("train_size", "clean_eval_size", "data_devices"):
   common.flag_validator(_name, lambda v: v >= 0, "must be >= 0")
-common.flag_validator("learning_rate", lambda v: 0 < v < float("inf"),
-                      "must be a finite number > 0")
 common.flag_validator("step_fraction", lambda v: v is None or 0 < v < float("inf"),
                       "must be a finite number > 0")
 
@@ -212,7 +210,12 @@ class TrainConfig:
     methods: the training losses compared, from ensemble.LOSSES.
     num_members: M.
     optimizer: a train.OPTIMIZERS name.
-    learning_rate: its learning rate.
+    learning_rate: its (initial) learning rate.
+    weight_decay: L2 (adam, sgd) or decoupled (adamw) weight decay; 0: none.
+    schedule: a train.SCHEDULES name, of the training step (cosine: over train_steps).
+    schedule_boundaries: for "step", the steps at which the rate is multiplied by
+      schedule_decay.
+    schedule_decay: for "step", the factor.
     batch_size: images per step (a multiple of the mesh's data devices).
     train_steps: steps per ensemble (a multiple of chunk_steps).
     chunk_steps: steps per jitted chunk, the checkpoint interval.
@@ -224,6 +227,17 @@ class TrainConfig:
   batch_size: int
   train_steps: int
   chunk_steps: int
+  weight_decay: float = 0.0
+  schedule: str = "constant"
+  schedule_boundaries: tuple[int, ...] = ()
+  schedule_decay: float = 0.1
+
+  def make_optimizer(self):
+    """The optax optimiser; a schedule is of its own step count, the training step."""
+    schedule = train.make_schedule(
+        self.schedule, self.learning_rate, total_steps=self.train_steps,
+        boundaries=self.schedule_boundaries, decay_factor=self.schedule_decay)
+    return train.make_optimizer(self.optimizer, schedule, weight_decay=self.weight_decay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,6 +348,10 @@ def config_from_flags() -> Config:
                     f"{members}: method {name!r} compares members and needs --num_members >= 2")
   common.validate("eval_batch_size", FLAGS.n_eval % FLAGS.eval_batch_size == 0,
                   f"{FLAGS.eval_batch_size} must divide --n_eval={FLAGS.n_eval}")
+  boundaries = optimizer_flags.schedule_boundaries(FLAGS)
+  common.validate("schedule_boundaries", all(b < FLAGS.train_steps for b in boundaries),
+                  f"{list(boundaries)}: every step must be below --train_steps="
+                  f"{FLAGS.train_steps}")
   common.validate("train_steps", FLAGS.train_steps % FLAGS.chunk_steps == 0,
                   f"{FLAGS.train_steps} must be a multiple of --chunk_steps={FLAGS.chunk_steps}")
   devices = len(jax.devices())
@@ -373,9 +391,13 @@ def config_from_flags() -> Config:
       loss=ensemble.LossConfig(
           **{name: FLAGS[name].value for name in (*LOSS_WEIGHT_FLAGS, *TRS_ADV_FLAGS)},
           trs_adv_ramp_steps=FLAGS.train_steps, member_map=member_map),
-      train=TrainConfig(methods=tuple(FLAGS.methods), num_members=members, optimizer="adam",
-                        learning_rate=FLAGS.learning_rate, batch_size=FLAGS.batch_size,
-                        train_steps=FLAGS.train_steps, chunk_steps=FLAGS.chunk_steps),
+      train=TrainConfig(methods=tuple(FLAGS.methods), num_members=members,
+                        optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
+                        batch_size=FLAGS.batch_size, train_steps=FLAGS.train_steps,
+                        chunk_steps=FLAGS.chunk_steps, weight_decay=FLAGS.weight_decay,
+                        schedule=FLAGS.schedule,
+                        schedule_boundaries=boundaries,
+                        schedule_decay=FLAGS.schedule_decay),
       attack=AttackConfig(
           eps=tuple(common.float_list(FLAGS.eps)), large_eps=FLAGS.large_eps,
           large_eps_threshold=FLAGS.large_eps_threshold, attacks=tuple(FLAGS.attacks),
@@ -450,7 +472,7 @@ def train_ensemble(run_dir: common.RunDir, config: Config, phase: str, method: s
     mesh: the `data` x `member` mesh.
   """
   members = config.train.num_members
-  optimizer = train.make_optimizer(config.train.optimizer, config.train.learning_rate)
+  optimizer = config.train.make_optimizer()
   stacked = ensemble.init_members(init_fn, jax.random.fold_in(key, 0), members)
   # The whole state on the mesh, scalars (step, the optimiser's count) replicated: a
   # checkpoint restores each leaf onto its template's devices.

@@ -147,6 +147,13 @@ TABLES = {
             (["--trs_adv_steps=" + BIG], "--trs_adv_steps"),
             (["--learning_rate=inf"], "--learning_rate"),
             (["--learning_rate=-1"], "--learning_rate"),
+            (["--optimizer=lion"], "--optimizer"),
+            (["--weight_decay=-1e-4"], "--weight_decay"),
+            (["--schedule=step"], "--schedule_boundaries"),  # no boundaries
+            (["--schedule_boundaries=2"], "--schedule_boundaries"),  # without --schedule=step
+            (["--schedule=step", "--schedule_boundaries=4"], "--schedule_boundaries"),  # >= 4
+            (["--schedule=step", "--schedule_boundaries=3,1"], "--schedule_boundaries"),
+            (["--schedule_decay=0"], "--schedule_decay"),
             (["--member_devices=2"], "--member_devices"),  # one device
             (["--data_devices=3"], "--data_devices"),
             (["--clean_eval_size=0", "--n_eval=2000"], "--n_eval"),  # > the 1,000 test images

@@ -174,3 +174,24 @@ def test_schedules():
     train.make_schedule("linear", 0.1)
   with pytest.raises(ValueError, match="boundaries"):
     train.make_schedule("step", 0.1, boundaries=(20, 10))
+
+
+def test_the_ncen_recipe_steps_the_rate_and_adds_l2_as_torch_does():
+  """experiments.ncen's optimiser (the peers' recipe: L2 weight decay, the rate x decay at
+  each boundary of the training step) against torch's SGD update written out."""
+  from experiments import ncen  # noqa: PLC0415 (defines the binary's flags)
+
+  config = ncen.TrainConfig(methods=("independent",), num_members=1, optimizer="sgd",
+                            learning_rate=0.1, batch_size=1, train_steps=4, chunk_steps=1,
+                            weight_decay=0.01, schedule="step", schedule_boundaries=(2,),
+                            schedule_decay=0.5)
+  optimizer = config.make_optimizer()
+  params, grad = {"w": jnp.asarray([1.0, -2.0])}, jnp.asarray([0.5, 0.25])
+  state = optimizer.init(params)
+  want = np.asarray(params["w"])
+  for step in range(4):
+    updates, state = optimizer.update({"w": grad}, state, params)
+    params = {"w": params["w"] + updates["w"]}
+    rate = 0.1 * (0.5 if step >= 2 else 1.0)
+    want = want - rate * (np.asarray(grad) + 0.01 * want)  # p -= lr_t * (g + wd * p)
+    np.testing.assert_allclose(params["w"], want, rtol=1e-6)
