@@ -9,16 +9,20 @@ the black-box surrogate. Every ensemble is then evaluated on the same --n_eval t
 
   clean accuracy (ensemble and members, on the whole test split);
   mean pairwise cosine and mean norm of the members' input gradients;
-  white-box L_inf robust accuracy per eps: PGD (--pgd_steps, step eps * --step_fraction,
-    random start, --pgd_restarts restarts) with CE and margin losses on every target in
+  white-box L_inf robust accuracy per eps: PGD (--pgd_steps, --pgd_schedule: APGD by
+    default, its first step eps * --step_fraction, default 2; "fixed": every step that,
+    default 0.2; random start, --pgd_restarts restarts) with CE and margin losses on every
+    target in
     --targets (the log-mean-prob ensemble, mean logits, max over members' losses, each
     member), FGSM and MIM; a point counts as robust only if it survives all of them;
   black-box accuracy: PGD crafted on the surrogate, judged on the ensemble;
   the member-to-member transfer matrix (PGD on member i, judged on member j and on the
     ensemble, over points every member gets right);
-  gradient-masking checks (fpe_jax.attacks.gradient_masking_checks). A failed check is
-    printed as a WARNING as soon as its method is evaluated and again at the end, and
-    listed under "failed_checks" in results.json.
+  gradient-masking checks (fpe_jax.attacks.gradient_masking_checks), among them PGD and
+    FGSM at --large_eps, and PGD again with half the step and twice the steps, which may
+    not find an accuracy more than --masking_check_tolerance lower (else the attack had
+    not converged). A failed check is printed as a WARNING as soon as its method is
+    evaluated and again at the end, and listed under "failed_checks" in results.json.
 
 Devices: a 2-D mesh `data` x `member` (--data_devices x --member_devices). Members are
 split over `member`; each training minibatch is split over `data` and the gradients are
@@ -125,13 +129,22 @@ flags.DEFINE_list("attack_losses", ["ce", "margin"],
                   f"PGD losses, from {list(attacks.ATTACK_LOSSES)}.")
 flags.DEFINE_list("targets", list(TARGET_CHOICES),
                   f"PGD targets, from {list(TARGET_CHOICES)} ('members': each member).")
-flags.DEFINE_integer("pgd_steps", 50, "PGD steps.")
+flags.DEFINE_integer("pgd_steps", 100, "PGD steps (APGD: one more gradient evaluation).")
 flags.DEFINE_integer("pgd_restarts", 5, "PGD random restarts (robust = survives all).")
-flags.DEFINE_float("step_fraction", 0.2, "PGD step size as a fraction of eps.")
+flags.DEFINE_enum("pgd_schedule", attacks.DEFAULT_PGD_SCHEDULE, attacks.PGD_SCHEDULES,
+                  "PGD's step size: apgd (Croce & Hein 2020: momentum, the step halves where "
+                  "progress stalls, restarts from the best point) or fixed (one step size).")
+flags.DEFINE_float("step_fraction", None, "PGD step size (APGD: its first step) as a fraction "
+                   "of eps (default: " + ", ".join(
+                       f"{v:g} for {k}" for k, v in attacks.DEFAULT_STEP_FRACTIONS.items())
+                   + ").")
 flags.DEFINE_integer("mim_steps", 10, "MIM iterations (step eps / steps).")
 flags.DEFINE_float("mim_decay", 1.0, "MIM momentum decay.")
 flags.DEFINE_list("steps_check", ["10"], "Fewer PGD steps compared with --pgd_steps.")
 flags.DEFINE_float("check_tolerance", 0.0, "Slack on the monotonicity checks.")
+flags.DEFINE_float("masking_check_tolerance", 0.02,
+                   "How much lower PGD with half the step and twice the steps may find the "
+                   "accuracy (one restart, the check eps) before the check fails.")
 flags.DEFINE_enum("member_map", None, ensemble.MEMBER_MAPS,
                   "How members are applied: vmap or unroll (faster convs on CPU); same "
                   "numbers (default: unroll on CPU with one member device, else vmap).")
@@ -144,7 +157,7 @@ common.seed_validator("seed")
 common.flag_validator("eps", lambda v: bool(v) and (x := common.float_list(v)) is not None
                       and min(x) >= 0, "must be a non-empty list of numbers >= 0")
 common.flag_validator("large_eps", lambda v: v >= 0, "must be >= 0")
-for _name in ("large_eps_threshold", "check_tolerance"):  # accuracies
+for _name in ("large_eps_threshold", "check_tolerance", "masking_check_tolerance"):
   common.flag_validator(_name, lambda v: 0 <= v <= 1, "must be an accuracy, in [0, 1]")
 common.flag_validator("mim_decay", lambda v: v >= 0, "must be >= 0")
 common.flag_validator("methods", lambda v: bool(v) and set(v) <= set(ensemble.LOSSES),
@@ -163,7 +176,7 @@ for _name in ("num_members", "n_eval", "eval_batch_size", "width", "hidden", "ba
   common.flag_validator(_name, lambda v: v >= 1, "must be >= 1")
 for _name in ("train_size", "clean_eval_size", "data_devices"):
   common.flag_validator(_name, lambda v: v >= 0, "must be >= 0")
-common.flag_validator("step_fraction", lambda v: 0 < v < float("inf"),
+common.flag_validator("step_fraction", lambda v: v is None or 0 < v < float("inf"),
                       "must be a finite number > 0")
 
 
@@ -240,11 +253,14 @@ class AttackConfig:
       member); FGSM, MIM, the black-box attack and the checks use ("ensemble", "ce").
     pgd_steps: PGD steps.
     pgd_restarts: PGD random restarts (robust = survives all).
-    step_fraction: PGD step size / eps.
+    pgd_schedule: PGD's step-size schedule, from attacks.PGD_SCHEDULES.
+    step_fraction: PGD step size (APGD: its first step) / eps.
     mim_steps: MIM iterations.
     mim_decay: MIM momentum decay.
     steps_check: fewer PGD steps compared with pgd_steps (check).
     check_tolerance: slack on the monotonicity checks.
+    masking_check_tolerance: how much lower PGD at half the step and twice the steps may
+      find the accuracy (check).
   """
   eps: tuple[float, ...]
   large_eps: float
@@ -253,11 +269,13 @@ class AttackConfig:
   objectives: tuple[attacks.ObjectiveChoice, ...]
   pgd_steps: int
   pgd_restarts: int
+  pgd_schedule: str
   step_fraction: float
   mim_steps: int
   mim_decay: float
   steps_check: tuple[int, ...]
   check_tolerance: float
+  masking_check_tolerance: float
 
   @property
   def ensemble_ce(self) -> int:
@@ -385,9 +403,12 @@ def config_from_flags() -> Config:
           large_eps_threshold=FLAGS.large_eps_threshold, attacks=tuple(FLAGS.attacks),
           objectives=expand_targets(FLAGS.targets, FLAGS.attack_losses, members),
           pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
-          step_fraction=FLAGS.step_fraction, mim_steps=FLAGS.mim_steps,
-          mim_decay=FLAGS.mim_decay, steps_check=steps_check,
-          check_tolerance=FLAGS.check_tolerance),
+          pgd_schedule=FLAGS.pgd_schedule,
+          step_fraction=(FLAGS.step_fraction if FLAGS.step_fraction is not None
+                         else attacks.DEFAULT_STEP_FRACTIONS[FLAGS.pgd_schedule]),
+          mim_steps=FLAGS.mim_steps, mim_decay=FLAGS.mim_decay, steps_check=steps_check,
+          check_tolerance=FLAGS.check_tolerance,
+          masking_check_tolerance=FLAGS.masking_check_tolerance),
       mesh=MeshConfig(data=data_devices, member=FLAGS.member_devices),
       seed=FLAGS.seed)
 
@@ -473,13 +494,14 @@ def train_ensemble(run_dir: common.RunDir, config: Config, phase: str, method: s
 
 
 def make_evaluators(apply_fn, config: Config):
-  """Jitted evaluators whose eps, steps, restarts and objective choice are traced arguments,
-  so each compiles once for all methods, radii and objectives."""
+  """Jitted evaluators whose eps, steps, step fraction, restarts and objective choice are
+  traced arguments, so each compiles once for all methods, radii, objectives and checks."""
   member_map = config.loss.member_map
   attack = config.attack
 
   @functools.partial(jax.jit, static_argnames="kind")
-  def robust(attack_params, judge_params, x, labels, keys, eps, steps, restarts, choice, kind):
+  def robust(attack_params, judge_params, x, labels, keys, eps, steps, step_fraction,
+             restarts, choice, kind):
     """[B] robust mask: crafted on attack_params (white-box: the judged ensemble itself)."""
     objective = attacks.select_objective(
         attacks.objective_table(apply_fn, attack_params, attack.objectives, member_map), choice)
@@ -488,7 +510,8 @@ def make_evaluators(apply_fn, config: Config):
                                       decay=attack.mim_decay)
     else:
       attack_fn = attacks.make_attack(kind, objective, eps=eps, steps=steps,
-                                      step_size=eps * attack.step_fraction)
+                                      step_size=eps * step_fraction,
+                                      schedule=attack.pgd_schedule)
     judge = attacks.ensemble_predictor(apply_fn, judge_params, member_map=member_map)
     return attacks.robust_mask(judge, attack_fn, x, labels, keys, restarts)
 
@@ -496,7 +519,7 @@ def make_evaluators(apply_fn, config: Config):
   def transfer(stacked, x, labels, key, eps):
     return attacks.transfer_counts(apply_fn, stacked, x, labels, key, eps=eps,
                                    steps=attack.pgd_steps, step_size=eps * attack.step_fraction,
-                                   member_map=member_map)
+                                   schedule=attack.pgd_schedule, member_map=member_map)
 
   @jax.jit
   def clean(stacked, x, labels):
@@ -534,10 +557,11 @@ def evaluate(config: Config, name, stacked, surrogate, test, eval_set, evaluator
   stats = [grad_stats_fn(stacked, xb, yb) for xb, yb in batches(*eval_set, size)]
   record.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
 
-  def accuracy(attack_params, eps, steps, restarts, choice, kind):
+  def accuracy(attack_params, eps, steps, restarts, choice, kind, step_fraction=None):
     # FGSM and MIM are deterministic and single runs need one key: scan over one key then.
     keys = restarts_keys if restarts > 1 else restarts_keys[:1]
-    alive = [robust_fn(attack_params, stacked, xb, yb, keys, eps, steps, restarts,
+    fraction = attack.step_fraction if step_fraction is None else step_fraction
+    alive = [robust_fn(attack_params, stacked, xb, yb, keys, eps, steps, fraction, restarts,
                        choice, kind=kind) for xb, yb in batches(*eval_set, size)]
     return np.concatenate([np.asarray(a) for a in alive])
 
@@ -599,6 +623,10 @@ def run_checks(attack: AttackConfig, record, stacked, accuracy) -> dict:
     return {"skipped": "the checks need --attacks to include pgd"}
   large = accuracy(stacked, attack.large_eps, attack.pgd_steps, 1, ensemble_ce, "pgd")
   inputs["large_eps_accuracy"] = float(large.mean())
+  # FGSM there too, whether or not --attacks lists it: one step of a gradient that points the
+  # right way destroys the image as well.
+  inputs["large_eps_single_step_accuracy"] = float(
+      accuracy(stacked, attack.large_eps, 1, 1, ensemble_ce, "fgsm").mean())
   inputs["pgd_accuracy"] = {e: per_eps[str(e)]["pgd_ensemble_ce"] for e in attack.eps}
   inputs["fgsm_accuracy"] = ({e: per_eps[str(e)]["fgsm"] for e in attack.eps}
                              if "fgsm" in attack.attacks else {})
@@ -608,6 +636,12 @@ def run_checks(attack: AttackConfig, record, stacked, accuracy) -> dict:
       s: float(accuracy(stacked, check_eps, s, 1, ensemble_ce, "pgd").mean())
       for s in sorted(set(attack.steps_check) - {attack.pgd_steps})}
   inputs["accuracy_by_steps"][attack.pgd_steps] = one_restart
+  # Half the step, twice the steps, the same start: a plateau shows as a lower accuracy
+  # (more steps at the same step cannot show it).
+  inputs["accuracy_by_refinement"] = {
+      1: one_restart,
+      2: float(accuracy(stacked, check_eps, 2 * attack.pgd_steps, 1, ensemble_ce, "pgd",
+                        step_fraction=attack.step_fraction / 2).mean())}
   # The restarts share their first key with the single run, as in the main evaluation.
   inputs["accuracy_by_restarts"] = {1: one_restart,
                                     attack.pgd_restarts: inputs["pgd_accuracy"][check_eps]}
@@ -617,7 +651,7 @@ def run_checks(attack: AttackConfig, record, stacked, accuracy) -> dict:
                                   if t in ("ensemble", "mean_logits", "max_member")}
   passed = attacks.gradient_masking_checks(
       **inputs, large_eps_threshold=attack.large_eps_threshold,
-      tolerance=attack.check_tolerance)
+      tolerance=attack.check_tolerance, refinement_tolerance=attack.masking_check_tolerance)
   return {"passed": passed, "check_eps": check_eps,
           "inputs": json.loads(json.dumps(inputs, default=float))}
 

@@ -166,6 +166,12 @@ TABLES = {
             (["--pgd_steps=0"], "--pgd_steps"),
             (["--pgd_restarts=0"], "--pgd_restarts"),
             (["--step_fraction=0"], "--step_fraction"),
+            (["--step_fraction=inf"], "--step_fraction"),
+            (["--step_fraction=nan"], "--step_fraction"),
+            (["--pgd_schedule=cosine"], "--pgd_schedule"),
+            (["--masking_check_tolerance=-0.01"], "--masking_check_tolerance"),
+            (["--masking_check_tolerance=nan"], "--masking_check_tolerance"),
+            (["--masking_check_tolerance=1.5"], "--masking_check_tolerance"),
             (["--mim_decay=nan"], "--mim_decay"),
             (["--check_tolerance=-1"], "--check_tolerance"),
             (["--steps_check=5"], "--steps_check"),  # not fewer than --pgd_steps=3

@@ -58,17 +58,20 @@ def _without_timings(tree):
 
 
 def test_failed_check_is_flagged_when_found_at_the_end_and_in_results(tmp_path):
-  # At eps 0 the "large eps" attack cannot lower accuracy, so with a zero threshold the
-  # check must fail (the barely trained tiny model gets 11 of the 100 stratified clean
-  # images right; all of them are attacked here, so some survive).
+  # At eps 0 the "large eps" attacks (PGD and the single-step FGSM) cannot lower accuracy,
+  # so with a zero threshold both checks must fail (the barely trained tiny model gets 11
+  # of the 100 stratified clean images right; all of them are attacked here, so some
+  # survive). At the check eps 0.3 every attack takes accuracy to 0, so the others pass.
   result = _run(TINY + ["--large_eps=0", "--large_eps_threshold=0", "--n_eval=100",
                         "--eval_batch_size=100", "--run_name=masked"], tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((tmp_path / "ncen" / "masked" / "results.json").read_text())
-  assert results["failed_checks"] == ["ncen/large_eps_accuracy_near_zero"]
+  failed = ["ncen/large_eps_accuracy_near_zero", "ncen/large_eps_single_step_accuracy_near_zero"]
+  assert results["failed_checks"] == failed
   assert not results["all_checks_passed"]
-  warning = "WARNING: gradient-masking check FAILED: ncen/large_eps_accuracy_near_zero"
-  assert result.stderr.count(warning) == 2  # when ncen's evaluation ends, and at the end
+  for item in failed:
+    warning = f"WARNING: gradient-masking check FAILED: {item}\n"
+    assert result.stderr.count(warning) == 2  # when ncen's evaluation ends, and at the end
 
 
 def test_tiny_run_then_refuse_then_resume(tiny_run):
@@ -80,10 +83,20 @@ def test_tiny_run_then_refuse_then_resume(tiny_run):
   assert results["config"]["loss"]["member_map"] == "unroll"  # the default on one CPU device
   assert results["config"]["attack"]["objectives"] == [
       {"target": "ensemble", "loss": "ce", "member": None}]
+  assert {k: results["config"]["attack"][k] for k in (
+      "pgd_schedule", "step_fraction", "masking_check_tolerance")} == {
+          "pgd_schedule": "apgd", "step_fraction": 2.0, "masking_check_tolerance": 0.02}
   ncen = results["methods"]["ncen"]
   assert set(ncen["checks"]["passed"]) >= {"large_eps_accuracy_near_zero",
+                                           "large_eps_single_step_accuracy_near_zero",
                                            "pgd_not_weaker_than_fgsm",
+                                           "finer_steps_do_not_lower_accuracy",
                                            "transfer_not_stronger_than_white_box"}
+  inputs = ncen["checks"]["inputs"]
+  # Refinement 1 is the single-restart run at --pgd_steps=3, 2 the one at half the step.
+  assert set(inputs["accuracy_by_refinement"]) == {"1", "2"}
+  assert inputs["accuracy_by_refinement"]["1"] == inputs["accuracy_by_steps"]["3"]
+  assert 0 <= inputs["large_eps_single_step_accuracy"] <= 1
   assert results["all_checks_passed"] == (not results["failed_checks"])
   robust = ncen["robust"]["0.3"]
   assert 0 <= robust["white_box"] <= min(robust["fgsm"], robust["pgd_ensemble_ce"])
