@@ -266,21 +266,23 @@ CONFIG = """
 import sys
 from absl import flags
 from experiments import common, llm_setup
-binary = sys.argv[1]
+binary, calib_windows = sys.argv[1], int(sys.argv[2])
 module = __import__("experiments." + binary, fromlist=["config_from_flags"])
 flags.FLAGS(["b", "--flagfile=experiments/flags/" + binary + "_quick.flags"])
 record = common.config_record(module.config_from_flags())
-assert record["setup"]["calib_windows"] == 16 and record["setup"]["layers"] == list(range(6))
+assert record["setup"]["calib_windows"] == calib_windows, record["setup"]
+assert record["setup"]["layers"] == list(range(6))
 owned = common.resolved_flags("experiments." + binary)
-assert "--calib_windows=16" in owned and "--seed=0" in owned, owned  # shared flags are its own
+assert f"--calib_windows={calib_windows}" in owned and "--seed=0" in owned, owned  # its own
 print(sorted(record))
 """
 
 
-@pytest.mark.parametrize("binary", ["sparse_expansion", "wasserstein"])
-def test_config_is_read_once_and_shared_flags_belong_to_the_binary(binary):
+@pytest.mark.parametrize("binary, calib_windows", [("sparse_expansion", 32),
+                                                   ("wasserstein", 16)])  # their quick flags
+def test_config_is_read_once_and_shared_flags_belong_to_the_binary(binary, calib_windows):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-  proc = subprocess.run([sys.executable, "-c", CONFIG, binary], capture_output=True,
-                        text=True, env=env, timeout=120, cwd=ROOT)
+  proc = subprocess.run([sys.executable, "-c", CONFIG, binary, str(calib_windows)],
+                        capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "setup" in proc.stdout
