@@ -532,14 +532,15 @@ def trs_smoothness_perturbation(apply_fn: MemberApplyFn, stacked: Params, x: jax
     _, _, grads = input_gradients(apply_fn, stacked, inputs, labels, member_map)
     return trs_smoothness(grads / inputs.shape[0])
 
-  def into_ball(x_adv):
-    return jnp.clip(jnp.clip(x_adv, x - eps, x + eps), 0.0, 1.0)
+  # The attacks' own ball projection and random start (imported here: attacks imports
+  # this module).
+  from fpe_jax import attacks  # noqa: PLC0415
 
   def ascend(_, x_adv):
     step = eps * TRS_ADV_STEP_FRACTION * jnp.sign(jax.grad(smoothness)(x_adv))
-    return into_ball(x_adv + step)
+    return attacks.project(x_adv + step, x, eps)
 
-  start = into_ball(x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps))
+  start = attacks.random_start_point(key, x, eps)
   return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, ascend, start))
 
 
