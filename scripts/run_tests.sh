@@ -4,10 +4,14 @@
 # the library, kernel and compile tests). One after the other: run side by side on 2
 # cores, they were no faster and the Ctrl-C test timed out under the double load.
 # Fails if either fails; the newest-jax job runs even when the first suite failed.
+# Each suite runs on FPE_JAX_TEST_WORKERS pytest-xdist workers (default 2, one per CI core),
+# a test file per worker at a time (--dist loadfile), so a file's module fixtures (e.g.
+# test_bad_inputs.py's per-binary tables of refused runs) are made once.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export FPE_JAX_TEST_WORKERS="${FPE_JAX_TEST_WORKERS:-2}"
 
-python -m pytest -q
+python -m pytest -q -n "$FPE_JAX_TEST_WORKERS" --dist loadfile
 main_status=$?
 bash scripts/test_newest_jax.sh 2>&1 | grep -v "^WARNING: Location"
 newest_status=${PIPESTATUS[0]}
