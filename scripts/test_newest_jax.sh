@@ -2,8 +2,9 @@
 # The tests again on the newest jax the project supports (setup.cfg: jax<0.13; the version
 # is pinned below), on Python 3.12 (jax 0.11 and later install on Python 3.12+ only; the
 # GPU hosts run 3.12), in a virtualenv of its own with its own data readers and
-# compilers: the library, kernel and deviceless-compile tests (`-m "not end_to_end"`, and not test_common.py). The
-# binaries' end-to-end suites run on the default Python only, to keep CI short (README).
+# compilers: the library, kernel and deviceless-compile tests (`-m "not end_to_end"`, and
+# not test_common.py). The binaries' end-to-end suites run on the default Python only, to
+# keep CI short (README).
 # Idempotent. PYTHON312 names the interpreter (default: pyenv's 3.12, else python3.12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
