@@ -59,8 +59,12 @@ def test_mnist5k_stratified_split():
     mnist5k.load_mnist5k("test", test_per_class=0)
 
 
-@pytest.mark.parametrize("content", [b"not gzip at all", gzip.compress(b"\x00\x00\x08\x03")[:-6],
-                                     gzip.compress(b"\x00\x00\x00\x01 wrong magic")])
+# mtime=0 and explicit ids: the gzip header holds a timestamp, and pytest-xdist workers
+# must collect identical test ids.
+@pytest.mark.parametrize("content", [
+    b"not gzip at all", gzip.compress(b"\x00\x00\x08\x03", mtime=0)[:-6],
+    gzip.compress(b"\x00\x00\x00\x01 wrong magic", mtime=0)],
+    ids=["not-gzip", "truncated-gzip", "wrong-magic"])
 def test_a_corrupt_fashion_mnist_file_names_itself_and_the_install_command(tmp_path, content):
   for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
     (tmp_path / name).write_bytes(content)
@@ -68,7 +72,8 @@ def test_a_corrupt_fashion_mnist_file_names_itself_and_the_install_command(tmp_p
     fashion_mnist.load_fashion_mnist("train", tmp_path)
 
 
-@pytest.mark.parametrize("content", [b"not gzip", gzip.compress(b"1,2,3\n4,5\n")])
+@pytest.mark.parametrize("content", [b"not gzip", gzip.compress(b"1,2,3\n4,5\n", mtime=0)],
+                         ids=["not-gzip", "ragged-csv"])
 def test_a_corrupt_mnist5k_file_names_itself_and_the_install_command(tmp_path, content):
   (tmp_path / "mnist5k.csv.gz").write_bytes(content)
   with pytest.raises(ValueError, match=r"mnist5k.csv.gz.*corrupt.*install_data"):
