@@ -117,6 +117,9 @@ flags.DEFINE_integer("trs_adv_steps", ensemble.DEFAULT_LOSS_CONFIG.trs_adv_steps
 for _name in ("trs_adv_eps_start", "trs_adv_eps_end"):
   common.flag_validator(_name, lambda v: 0 <= v < float("inf"), "must be a finite number >= 0")
 common.flag_validator("trs_adv_steps", lambda v: v >= 1, "must be >= 1")
+flags.DEFINE_bool("ncen_smoothness", ensemble.DEFAULT_LOSS_CONFIG.ncen_smoothness,
+                  "NCEn ablation: add TRS's smoothness term, --trs_scale * --trs_lam times it, "
+                  "computed as TRS computes it (--trs_plus_adv and its radius flags apply).")
 optimizer_flags.define("of the training step; cosine decays over --train_steps")
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("train_steps", 2000, "Optimiser steps per ensemble.")
@@ -390,7 +393,8 @@ def config_from_flags() -> Config:
       model=model,
       loss=ensemble.LossConfig(
           **{name: FLAGS[name].value for name in (*LOSS_WEIGHT_FLAGS, *TRS_ADV_FLAGS)},
-          trs_adv_ramp_steps=FLAGS.train_steps, member_map=member_map),
+          ncen_smoothness=FLAGS.ncen_smoothness, trs_adv_ramp_steps=FLAGS.train_steps,
+          member_map=member_map),
       train=TrainConfig(methods=tuple(FLAGS.methods), num_members=members,
                         optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
                         batch_size=FLAGS.batch_size, train_steps=FLAGS.train_steps,

@@ -18,6 +18,8 @@ Losses (papers.md section 3; every loss returns `(scalar, metrics)`):
   NCEn:        sum_i CE_i + lam_dir * mean_{i<j} cos(g_i, g_j)
                           + lam_mag * mean_{i<j} corr_batch(|g_i|, |g_j|)
                           + lam_ncl * sum_i (g_i - gbar) . sum_{j!=i} (g_j - gbar)
+                          [+ trs_scale * trs_lam * smooth, TRS's smoothness term below,
+                             with ncen_smoothness: an ablation, not the paper's NCEn]
   GAL:         mean_i CE_i + lam * log sum_{i<j} exp(cos(g_i, g_j))
   ADP:         sum_i CE_i - alpha * H(mean_i p_i) - beta * log det(G + det_offset * I),
                G the Gram matrix of the members' unit-normalised non-true-class probabilities
@@ -394,6 +396,9 @@ class LossConfig(NamedTuple):
     trs_adv_steps: the perturbation's sign-gradient steps (6 in the official code).
     trs_adv_ramp_steps: training steps over which the radius ramps (the run's length);
       needed (>= 1) by "trs" with trs_plus_adv.
+    ncen_smoothness: "ncen" adds TRS's smoothness term, trs_scale * trs_lam * smooth,
+      computed as "trs" computes it (trs_plus_adv and the radius settings included): the
+      ablation that asks whether a gradient-norm penalty stops NCEn's gradients growing.
     member_map: how members are applied, "vmap" or "unroll" (see `map_members`).
   """
   name: str = "independent"
@@ -413,10 +418,17 @@ class LossConfig(NamedTuple):
   trs_adv_eps_end: float = 0.2
   trs_adv_steps: int = 6
   trs_adv_ramp_steps: int = 0
+  ncen_smoothness: bool = False
   member_map: str = "vmap"
 
 
 DEFAULT_LOSS_CONFIG = LossConfig()
+
+
+def _perturbs(config: LossConfig) -> bool:
+  """Whether the loss takes TRS's smoothness on a perturbed batch (random, scheduled)."""
+  uses_smoothness = config.name == "trs" or (config.name == "ncen" and config.ncen_smoothness)
+  return uses_smoothness and config.trs_plus_adv
 
 
 def validate_loss(config: LossConfig, members: int) -> None:
@@ -438,9 +450,9 @@ def validate_loss(config: LossConfig, members: int) -> None:
     raise ValueError(f"trs_adv_steps={config.trs_adv_steps} must be >= 1")
   if config.trs_adv_ramp_steps < 0:
     raise ValueError(f"trs_adv_ramp_steps={config.trs_adv_ramp_steps} must be >= 0")
-  if config.name == "trs" and config.trs_plus_adv and config.trs_adv_ramp_steps < 1:
-    raise ValueError(f"trs_adv_ramp_steps={config.trs_adv_ramp_steps}: loss='trs' with "
-                     "trs_plus_adv ramps its radius over the training steps; give their "
+  if _perturbs(config) and config.trs_adv_ramp_steps < 1:
+    raise ValueError(f"trs_adv_ramp_steps={config.trs_adv_ramp_steps}: loss={config.name!r} "
+                     "with trs_plus_adv ramps its radius over the training steps; give their "
                      "number (>= 1)")
 
 
@@ -455,8 +467,13 @@ def independent_loss(
 
 
 def ncen_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
-              config: LossConfig = DEFAULT_LOSS_CONFIG) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """NCEn: sum CE + lam_dir * direction + lam_mag * magnitude + lam_ncl * Liu-Yao."""
+              config: LossConfig = DEFAULT_LOSS_CONFIG, *, key: jax.Array | None = None,
+              step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """NCEn: sum CE + lam_dir * direction + lam_mag * magnitude + lam_ncl * Liu-Yao.
+
+  With ncen_smoothness, + trs_scale * trs_lam * TRS's smoothness term, exactly as
+  `trs_loss` computes it (key and step: its perturbation's, with trs_plus_adv).
+  """
   ce, _, grads = input_gradients(apply_fn, stacked, x, labels, config.member_map)
   ce_sum = jnp.sum(jnp.mean(ce, axis=1))
   direction = direction_term(grads)
@@ -464,8 +481,13 @@ def ncen_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: ja
   liu_yao = liu_yao_term(grads)
   loss = (ce_sum + config.lam_dir * direction + config.lam_mag * magnitude
           + config.lam_ncl * liu_yao)
+  metrics = {}
+  if config.ncen_smoothness:
+    smooth, metrics = _trs_smoothness_term(apply_fn, stacked, x, labels, grads, config, key, step)
+    loss = loss + config.trs_scale * config.trs_lam * smooth
+    metrics["smoothness"] = smooth
   return loss, {"loss": loss, "ce": jnp.mean(ce), "cosine": direction,
-                "magnitude_corr": magnitude, "liu_yao": liu_yao,
+                "magnitude_corr": magnitude, "liu_yao": liu_yao, **metrics,
                 "grad_norm": jnp.mean(gradient_norms(grads))}
 
 
@@ -544,6 +566,30 @@ def trs_smoothness_perturbation(apply_fn: MemberApplyFn, stacked: Params, x: jax
   return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, ascend, start))
 
 
+def _trs_smoothness_term(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array,
+                         labels: jax.Array, grads: jax.Array, config: LossConfig,
+                         key: jax.Array | None, step: jax.Array | None
+                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """TRS's smoothness term of `trs_loss`, and {"adv_eps": radius} with trs_plus_adv.
+
+  grads: [M, B, ...] the members' per-example input gradients on the clean batch x (used
+  as they are without trs_plus_adv).
+  """
+  count = x.shape[0]
+  if not config.trs_plus_adv:
+    return trs_smoothness(grads / count), {}
+  if key is None or step is None:
+    raise ValueError(f"loss={config.name!r} with trs_plus_adv needs key and step (its "
+                     "perturbation's random start and radius)")
+  eps = trs_adv_eps(config, step)
+  clean = count // 2
+  perturbed = trs_smoothness_perturbation(apply_fn, stacked, x[clean:], labels[clean:], key,
+                                          eps, config.trs_adv_steps, config.member_map)
+  _, _, smooth_grads = input_gradients(apply_fn, stacked, jnp.concatenate([x[:clean], perturbed]),
+                                       labels, config.member_map)
+  return trs_smoothness(smooth_grads / count), {"adv_eps": eps}
+
+
 def trs_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax.Array,
              config: LossConfig = DEFAULT_LOSS_CONFIG, *, key: jax.Array | None = None,
              step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -567,23 +613,8 @@ def trs_loss(apply_fn: MemberApplyFn, stacked: Params, x: jax.Array, labels: jax
     like the other losses'.
   """
   ce, _, grads = input_gradients(apply_fn, stacked, x, labels, config.member_map)
-  count = x.shape[0]
-  abs_cos = trs_cosine_term(grads / count)
-  metrics = {}
-  if config.trs_plus_adv:
-    if key is None or step is None:
-      raise ValueError("loss='trs' with trs_plus_adv needs key and step (its perturbation's "
-                       "random start and radius)")
-    eps = trs_adv_eps(config, step)
-    clean = count // 2
-    perturbed = trs_smoothness_perturbation(apply_fn, stacked, x[clean:], labels[clean:], key,
-                                            eps, config.trs_adv_steps, config.member_map)
-    _, _, smooth_grads = input_gradients(apply_fn, stacked, jnp.concatenate([x[:clean], perturbed]),
-                                         labels, config.member_map)
-    smooth = trs_smoothness(smooth_grads / count)
-    metrics["adv_eps"] = eps
-  else:
-    smooth = trs_smoothness(grads / count)
+  abs_cos = trs_cosine_term(grads / x.shape[0])
+  smooth, metrics = _trs_smoothness_term(apply_fn, stacked, x, labels, grads, config, key, step)
   loss = (jnp.sum(jnp.mean(ce, axis=1))
           + config.trs_scale * (config.trs_coeff * abs_cos + config.trs_lam * smooth))
   return loss, {"loss": loss, "ce": jnp.mean(ce), "abs_cosine": abs_cos, "smoothness": smooth,
@@ -626,22 +657,22 @@ def make_loss(apply_fn: MemberApplyFn, config: LossConfig, members: int) -> trai
 
   Returns:
     `loss_fn(stacked, masks, x [B, ...], labels [B], step_key, step=None) -> (loss,
-    metrics)`; `masks` is ignored (dense members). Only "trs" with trs_plus_adv is random
-    and scheduled: its perturbation starts from `fold_in(step_key, 1)` and its radius
-    ramps with `step` (train it with `train.make_train_chunk(..., with_step=True)`); the
-    other losses ignore both.
+    metrics)`; `masks` is ignored (dense members). Only TRS's smoothness with trs_plus_adv
+    ("trs", or "ncen" with ncen_smoothness) is random and scheduled: its perturbation
+    starts from `fold_in(step_key, 1)` and its radius ramps with `step` (train it with
+    `train.make_train_chunk(..., with_step=True)`); the other losses ignore both.
   """
   validate_loss(config, members)
   loss = functools.partial(_LOSS_FNS[config.name], apply_fn, config=config)
-  perturbed = config.name == "trs" and config.trs_plus_adv
+  perturbed = _perturbs(config)
 
   def loss_fn(stacked, masks, x, labels, step_key, step=None):
     del masks
     if not perturbed:
       return loss(stacked, x, labels)
     if step is None:
-      raise ValueError("loss='trs' with trs_plus_adv ramps its radius with the training step: "
-                       "pass step (train.make_train_chunk(..., with_step=True))")
+      raise ValueError(f"loss={config.name!r} with trs_plus_adv ramps its radius with the "
+                       "training step: pass step (train.make_train_chunk(..., with_step=True))")
     return loss(stacked, x, labels, key=jax.random.fold_in(step_key, _TRS_ADV_STREAM),
                 step=step)
 

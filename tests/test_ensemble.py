@@ -431,6 +431,31 @@ def test_trs_per_example_is_the_official_smoothness_times_b_squared():
   np.testing.assert_allclose(again, old, rtol=1e-6)
 
 
+def test_ncen_smoothness_adds_trs_smoothness_term_as_trs_computes_it():
+  stacked, x, y = trs_problem(5)
+  ncen = ensemble.LossConfig(name="ncen", lam_dir=0.7, lam_mag=0.3, trs_adv_ramp_steps=100)
+  plain, plain_metrics = trs_value(ncen, stacked, x, y)
+  assert "smoothness" not in plain_metrics
+  # On the clean batch: + scale * lam * the official Magnitude of the mean-CE gradients.
+  clean = ncen._replace(ncen_smoothness=True, trs_plus_adv=False, trs_lam=3.0)
+  loss, metrics = trs_value(clean, stacked, x, y)
+  smooth = official_smoothness(official_mean_ce_grads(stacked, x, y))
+  np.testing.assert_allclose(metrics["smoothness"], smooth, rtol=1e-5)
+  np.testing.assert_allclose(loss, plain + 5.0 * 3.0 * smooth, rtol=1e-5)
+  np.testing.assert_allclose(metrics["cosine"], plain_metrics["cosine"], rtol=1e-6)
+  # With trs_plus_adv: TRS's own perturbed term, from the same key and step.
+  step_key, step = jax.random.key(6), 50
+  loss, metrics = trs_value(ncen._replace(ncen_smoothness=True), stacked, x, y, step_key, step)
+  _, trs_metrics = trs_value(TRS_CONFIG, stacked, x, y, step_key, step)
+  np.testing.assert_allclose(metrics["smoothness"], trs_metrics["smoothness"], rtol=1e-6)
+  np.testing.assert_allclose(metrics["adv_eps"], 0.15, rtol=1e-6)
+  np.testing.assert_allclose(loss, plain + 5.0 * 2.0 * trs_metrics["smoothness"], rtol=1e-5)
+  with pytest.raises(ValueError, match="loss='ncen' with trs_plus_adv ramps its radius"):
+    ensemble.make_loss(linear_apply, ncen._replace(ncen_smoothness=True, trs_adv_ramp_steps=0), M)
+  # ncen_smoothness means nothing to the other losses: GAL stays deterministic.
+  ensemble.make_loss(linear_apply, ensemble.LossConfig(name="gal", ncen_smoothness=True), M)
+
+
 def test_trs_settings_are_checked():
   with pytest.raises(ValueError, match="trs_adv_ramp_steps=0: loss='trs' with trs_plus_adv"):
     ensemble.make_loss(linear_apply, ensemble.LossConfig(name="trs"), M)
