@@ -140,6 +140,7 @@ TABLES = {
             (["--lam_dir=nan"], "--lam_dir"),
             (["--trs_scale=inf"], "--trs_scale"),
             (["--trs_plus_adv=maybe"], "--trs_plus_adv"),
+            (["--ncen_smoothness=maybe"], "--ncen_smoothness"),
             (["--trs_adv_eps_start=-0.1"], "--trs_adv_eps_start"),
             (["--trs_adv_eps_end=nan"], "--trs_adv_eps_end"),
             (["--trs_adv_eps_end=inf"], "--trs_adv_eps_end"),
