@@ -12,7 +12,6 @@ The vmapped program is timed end to end (its one compile included) and in steady
 """
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -60,15 +59,6 @@ def config_from_flags() -> Config:
                 batch_size=FLAGS.batch_size, repeats=FLAGS.repeats)
 
 
-def _best_time(fn, repeats):
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - t0)
-  return best
-
-
 def main(argv):
   if len(argv) > 1:
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
@@ -101,15 +91,14 @@ def main(argv):
 
   one = jax.jit(chunk)
   many = jax.jit(jax.vmap(chunk))
-  jax.block_until_ready(one(states[0], xs[0], ys[0], keys[0]))
-  jax.block_until_ready(many(*batched_args))
+  first_call = lambda fn: common.time_calls(fn, 0)[0]  # compile included
+  best_later_call = lambda fn: min(common.time_calls(fn, config.repeats)[1])
   timings = {
-      "sequential, separate runs (compile each)": _best_time(separate_runs, 1),
-      "vmapped, end to end (one compile)": _best_time(vmapped_end_to_end, 1),
-      "sequential, one program reused": _best_time(
-          lambda: [one(states[s], xs[s], ys[s], keys[s]) for s in range(config.seeds)],
-          config.repeats),
-      "vmapped, steady state": _best_time(lambda: many(*batched_args), config.repeats),
+      "sequential, separate runs (compile each)": first_call(separate_runs),
+      "vmapped, end to end (one compile)": first_call(vmapped_end_to_end),
+      "sequential, one program reused": best_later_call(
+          lambda: [one(states[s], xs[s], ys[s], keys[s]) for s in range(config.seeds)]),
+      "vmapped, steady state": best_later_call(lambda: many(*batched_args)),
   }
   total = config.seeds * config.steps
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); "

@@ -22,7 +22,6 @@ import dataclasses
 import os
 import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -63,16 +62,6 @@ def config_from_flags() -> Config:
                 torch_threads=FLAGS.torch_threads or os.cpu_count() or 1)
 
 
-def _median_seconds(fn, repeats: int) -> tuple[float, object]:
-  out = fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), out
-
-
 def main(argv):
   if len(argv) > 1:
     raise common.UsageError(f"unexpected arguments {argv[1:]}; use --flags")
@@ -98,8 +87,8 @@ def main(argv):
   print(f"backend={jax.default_backend()} windows={windows.shape} repeats={config.repeats}")
   results = {}
   for name, fn in sides.items():
-    seconds, ppl = _median_seconds(fn, config.repeats)
-    results[name] = (seconds, float(np.log(ppl)))
+    _, times, ppl = common.time_calls(fn, config.repeats)
+    results[name] = (statistics.median(times), float(np.log(ppl)))
   if config.torch_python:
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "windows.npz")

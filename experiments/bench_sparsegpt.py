@@ -42,7 +42,6 @@ import math
 import os
 import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -201,18 +200,6 @@ def naive_sparsegpt(w, h, num_prune, *, n_m, block_size):
   return jnp.where(dead[None, :], 0.0, weights * mask).T
 
 
-def _median_time(fn, repeats):
-  """(first call's seconds, median seconds of `repeats` later calls)."""
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return first, statistics.median(times)
-
 
 def _problem(d_in, d_out, rng, config: Config):
   """Random weights [d_in, d_out], --tokens activation-like inputs and their Hessian."""
@@ -241,8 +228,9 @@ def _bench(w, h, x, pattern, config: Config):
   def naive():
     return naive_sparsegpt(w, h, num_prune, n_m=pattern, block_size=config.block_size)
 
-  first, t_ours = _median_time(ours, config.repeats)
-  _, t_naive = _median_time(naive, config.repeats)
+  first, times_ours, _ = common.time_calls(ours, config.repeats)
+  t_ours = statistics.median(times_ours)
+  t_naive = statistics.median(common.time_calls(naive, config.repeats)[1])
   w_ours, w_naive = ours(), naive()
   agree = float(jnp.mean((w_ours != 0) == (w_naive != 0)))
   rel = float(jnp.linalg.norm(w_ours - w_naive) / jnp.linalg.norm(w_naive))

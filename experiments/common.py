@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -461,6 +462,26 @@ class Progress:
             + (f"  {extra}" if extra else ""))
     print(line, flush=True)
     return line
+
+
+def time_calls(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
+  """Wall-clock seconds of `fn()`, its outputs waited on (`jax.block_until_ready`).
+
+  Returns:
+    (the first call's seconds, compile included; the seconds of each of `repeats` later
+    calls; the last call's output). Benchmarks report the median or the best of the list.
+  """
+  def timed():
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return time.perf_counter() - start, out
+
+  first, out = timed()
+  times = []
+  for _ in range(repeats):
+    seconds, out = timed()
+    times.append(seconds)
+  return first, times, out
 
 
 def _clock(seconds: float) -> str:

@@ -117,6 +117,20 @@ def test_a_non_finite_loss_stops_the_phase_before_it_is_saved(tmp_path):
   assert checkpoint.Checkpoints(os.path.join(run.checkpoints, "p")).latest_step() == 5
 
 
+def test_time_calls_times_a_first_call_then_each_repeat_and_returns_the_last_output():
+  calls = []
+
+  def fn():
+    calls.append(len(calls))
+    return jnp.full((2,), len(calls))
+
+  first, times, out = common.time_calls(fn, 3)
+  assert calls == [0, 1, 2, 3] and len(times) == 3
+  assert first >= 0 and all(t >= 0 for t in times)
+  np.testing.assert_array_equal(out, [4, 4])
+  assert common.time_calls(fn, 0)[1] == []
+
+
 _LONG_BOOLEAN = ["--d=12", "--k=3", "--clauses=3", "--neurons=4", "--alphas=2", "--seeds=1",
                  "--train_size=256", "--test_size=256", "--batch_size=32", "--warmup_steps=0",
                  "--steps=400000", "--chunk_steps=100"]
