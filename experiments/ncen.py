@@ -46,7 +46,9 @@ PRNG streams, all from key = jax.random.key(--seed) by `fold_in`:
 Outputs in <workdir>/ncen/<run_name>/: flags.txt, metrics.jsonl, results.json (with the
 run's "config"), table.txt, plots/robust_accuracy_vs_eps.png, plots/transfer_matrices.png,
 checkpoints/<method>/ (orbax, for resume) and evals/<method>.json (finished evaluations,
-skipped on resume).
+skipped on resume). --trained_from=<another run directory> restores the ensembles that run
+finished instead of training them (its training flags must be this run's), so a harness
+can be changed without training again.
 """
 
 import dataclasses
@@ -63,7 +65,7 @@ import numpy as np
 from absl import flags
 
 from experiments import common, optimizer_flags
-from fpe_jax import attacks, ensemble, sharding, train
+from fpe_jax import attacks, checkpoint, ensemble, sharding, train
 from fpe_jax.data import fashion_mnist, mnist5k, subsets
 from fpe_jax.models import cnn
 
@@ -156,6 +158,18 @@ flags.DEFINE_integer("data_devices", 0, "Devices on the mesh axis `data` (splits
                      "minibatch); 0: all devices / --member_devices.")
 flags.DEFINE_integer("seed", 0, "Seed of everything.")
 common.seed_validator("seed")
+flags.DEFINE_string("trained_from", "", "Evaluate the ensembles another ncen run trained: its "
+                    "run directory (<workdir>/ncen/<run_name>). Each phase with a checkpoint "
+                    "at --train_steps there (the surrogate, a method) is restored instead of "
+                    "trained; the others are trained here. Its flags must equal this run's "
+                    "but for the evaluation flags and --methods.")
+# The flags that only shape the evaluation: a --trained_from run may differ in these (and
+# in where it lives), never in what trains the ensembles.
+EVALUATION_FLAGS = ("methods", "clean_eval_size", "n_eval", "eval_batch_size", "eps",
+                    "large_eps", "large_eps_threshold", "attacks", "attack_losses", "targets",
+                    "pgd_steps", "pgd_restarts", "pgd_schedule", "step_fraction", "mim_steps",
+                    "mim_decay", "steps_check", "check_tolerance", "masking_check_tolerance",
+                    "trained_from")
 
 common.flag_validator("eps", lambda v: bool(v) and (x := common.float_list(v)) is not None
                       and min(x) >= 0, "must be a non-empty list of numbers >= 0")
@@ -222,6 +236,8 @@ class TrainConfig:
     batch_size: images per step (a multiple of the mesh's data devices).
     train_steps: steps per ensemble (a multiple of chunk_steps).
     chunk_steps: steps per jitted chunk, the checkpoint interval.
+    trained_from: a run directory whose finished ensembles are restored, not trained
+      (`restore_trained`); "" trains every one.
   """
   methods: tuple[str, ...]
   num_members: int
@@ -234,6 +250,7 @@ class TrainConfig:
   schedule: str = "constant"
   schedule_boundaries: tuple[int, ...] = ()
   schedule_decay: float = 0.1
+  trained_from: str = ""
 
   def make_optimizer(self):
     """The optax optimiser; a schedule is of its own step count, the training step."""
@@ -401,7 +418,8 @@ def config_from_flags() -> Config:
                         chunk_steps=FLAGS.chunk_steps, weight_decay=FLAGS.weight_decay,
                         schedule=FLAGS.schedule,
                         schedule_boundaries=boundaries,
-                        schedule_decay=FLAGS.schedule_decay),
+                        schedule_decay=FLAGS.schedule_decay,
+                        trained_from=FLAGS.trained_from),
       attack=AttackConfig(
           eps=tuple(common.float_list(FLAGS.eps)), large_eps=FLAGS.large_eps,
           large_eps_threshold=FLAGS.large_eps_threshold, attacks=tuple(FLAGS.attacks),
@@ -481,6 +499,11 @@ def train_ensemble(run_dir: common.RunDir, config: Config, phase: str, method: s
   # The whole state on the mesh, scalars (step, the optimiser's count) replicated: a
   # checkpoint restores each leaf onto its template's devices.
   state = sharding.shard_tree(train.init_state(stacked, optimizer), mesh, sharding.MEMBER_RULES)
+  if config.train.trained_from:
+    restored = restore_trained(run_dir, config.train.trained_from, phase, state,
+                               config.train.train_steps)
+    if restored is not None:
+      return restored.params
   loss_fn = ensemble.make_loss(apply_fn, config.loss_config(method), members)
   x, y = train_set
   chunk = jax.jit(train.make_train_chunk(
@@ -492,6 +515,47 @@ def train_ensemble(run_dir: common.RunDir, config: Config, phase: str, method: s
                              chunk_steps=config.train.chunk_steps, progress=progress,
                              log_key="method")
   return state.params
+
+
+def training_flags(flags_text: str) -> set[str]:
+  """The lines of a flags.txt that decide what the ensembles learn: all but where the run
+  lives and EVALUATION_FLAGS."""
+  ignored = set(EVALUATION_FLAGS) | {f"no{name}" for name in EVALUATION_FLAGS}
+  name = lambda line: line.removeprefix("--").split("=", 1)[0].strip()
+  return {line for line in common.scientific_flags(flags_text).splitlines()
+          if name(line) not in ignored}
+
+
+def check_trained_from(source: str, flags_text: str) -> None:
+  """Refuses --trained_from unless it is an ncen run trained with this run's flags."""
+  path = os.path.join(source, "flags.txt")
+  if not os.path.isfile(path):
+    raise common.UsageError(f"--trained_from={source}: no flags.txt there; give an ncen run "
+                            "directory (<workdir>/ncen/<run_name>)")
+  differ = training_flags(flags_text) ^ training_flags(common.read_text(path))
+  if differ:
+    names = sorted({line.removeprefix("--").split("=", 1)[0] for line in differ})
+    raise common.UsageError(
+        f"--trained_from={source}: trained with other values of --{', --'.join(names)} (see "
+        f"its flags.txt); only the evaluation flags and --methods may differ")
+
+
+def restore_trained(run_dir: common.RunDir, source: str, phase: str, like, steps: int):
+  """`phase`'s state at step `steps` from the run directory `source`, or None if it has
+  none (not trained there, or not finished); logged in this run's metrics.jsonl."""
+  folder = os.path.join(source, "checkpoints", phase)
+  if not os.path.isdir(folder):  # Checkpoints() would create it
+    return None
+  store = checkpoint.Checkpoints(folder)
+  try:
+    if store.latest_step() != steps:
+      return None
+    state = store.restore(steps, like)
+  finally:
+    store.close()
+  print(f"{phase}: restored from {folder} (step {steps}), not trained here", flush=True)
+  run_dir.log({"method": phase, "restored_from": os.path.abspath(folder), "restored_step": steps})
+  return state
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -755,6 +819,8 @@ def main(argv):
   common.maybe_initialize_distributed()
   config = config_from_flags()
   run_dir = common.RunDir("ncen", __name__).check()
+  if config.train.trained_from:
+    check_trained_from(config.train.trained_from, run_dir.flags_text)
   train_set, test = load_data(config.data, config.seed)
   run_dir.open()
   print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""))

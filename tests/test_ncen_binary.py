@@ -3,6 +3,7 @@ the same training on a `data` x `member` mesh of 8 fake CPU devices, resumed the
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,41 @@ def test_tiny_run_then_refuse_then_resume(tiny_run):
   assert _without_timings(again_results["methods"]) == _without_timings(results["methods"])
   steps = [(r["method"], r["step"]) for r in _training_records(run)]
   assert len(steps) == len(set(steps)) == 4  # surrogate and ncen, two chunks each
+
+
+def test_trained_from_evaluates_another_runs_ensembles_under_another_harness(tiny_run,
+                                                                             tmp_path):
+  workdir, first, _ = tiny_run
+  assert first.returncode == 0, first.stderr[-3000:]
+  source = workdir / "ncen" / "tiny"
+  result = _run(TINY + ["--run_name=reeval", "--pgd_steps=5", "--steps_check=2",
+                        "--methods=ncen,independent", f"--trained_from={source}"], tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"surrogate: restored from {source / 'checkpoints' / 'surrogate'}" in result.stdout
+  assert "ncen: restored from" in result.stdout and "train ncen" not in result.stdout
+  assert "train independent" in result.stdout  # the source has no such ensemble
+  run = tmp_path / "ncen" / "reeval"
+  assert not (run / "checkpoints" / "ncen").exists()
+  assert (run / "checkpoints" / "independent").exists()
+  ours = json.loads((run / "results.json").read_text())["methods"]["ncen"]
+  theirs = json.loads((source / "results.json").read_text())["methods"]["ncen"]
+  # The same ensemble, under the other harness.
+  assert ours["clean_accuracy"] == theirs["clean_accuracy"]
+  assert ours["member_clean_accuracy"] == theirs["member_clean_accuracy"]
+  for key in ("mean_pairwise_cosine", "mean_grad_norm"):
+    assert ours[key] == pytest.approx(theirs[key], rel=1e-6)
+  assert set(ours["checks"]["inputs"]["accuracy_by_steps"]) == {"2", "5"}
+
+  # A training flag changed, or a folder that holds no run: one line naming the flag, and
+  # no run directory written.
+  for args, message in [([f"--trained_from={source}", "--learning_rate=0.5"],
+                         r"--trained_from=.*other values of --learning_rate"),
+                        ([f"--trained_from={tmp_path / 'nowhere'}"],
+                         r"--trained_from=.*no flags.txt there")]:
+    refused = _run(TINY + ["--run_name=refused", *args], tmp_path)
+    assert refused.returncode != 0
+    assert re.search(message, refused.stderr.strip().splitlines()[-1]), refused.stderr[-2000:]
+    assert not (tmp_path / "ncen" / "refused").exists()
 
 
 def test_eight_devices_data_by_member_mesh_trains_as_one_device(eight_device_run, tiny_run):
