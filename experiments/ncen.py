@@ -517,24 +517,32 @@ def train_ensemble(run_dir: common.RunDir, config: Config, phase: str, method: s
   return state.params
 
 
-def training_flags(flags_text: str) -> set[str]:
-  """The lines of a flags.txt that decide what the ensembles learn: all but where the run
-  lives and EVALUATION_FLAGS."""
-  ignored = set(EVALUATION_FLAGS) | {f"no{name}" for name in EVALUATION_FLAGS}
-  name = lambda line: line.removeprefix("--").split("=", 1)[0].strip()
-  return {line for line in common.scientific_flags(flags_text).splitlines()
-          if name(line) not in ignored}
+def _flag_name(line: str) -> str:
+  """The flag a flags.txt line sets (`--noX` sets the boolean X)."""
+  name = line.removeprefix("--").split("=", 1)[0].strip()
+  return name[2:] if name not in FLAGS and name.startswith("no") and name[2:] in FLAGS else name
+
+
+def training_flags(flags_text: str) -> dict[str, str]:
+  """{flag: its flags.txt line} for the flags that decide what the ensembles learn: all
+  but where the run lives and EVALUATION_FLAGS."""
+  lines = common.scientific_flags(flags_text).splitlines()
+  return {_flag_name(line): line for line in lines if _flag_name(line) not in EVALUATION_FLAGS}
 
 
 def check_trained_from(source: str, flags_text: str) -> None:
-  """Refuses --trained_from unless it is an ncen run trained with this run's flags."""
+  """Refuses --trained_from unless it is an ncen run trained with this run's flags. A flag
+  the source's flags.txt lacks (added to the binary since) must be at its default here."""
   path = os.path.join(source, "flags.txt")
   if not os.path.isfile(path):
     raise common.UsageError(f"--trained_from={source}: no flags.txt there; give an ncen run "
                             "directory (<workdir>/ncen/<run_name>)")
-  differ = training_flags(flags_text) ^ training_flags(common.read_text(path))
-  if differ:
-    names = sorted({line.removeprefix("--").split("=", 1)[0] for line in differ})
+  ours, theirs = training_flags(flags_text), training_flags(common.read_text(path))
+  added_since_at_default = lambda name: (name not in theirs
+                                        and FLAGS[name].value == FLAGS[name].default)
+  names = sorted(name for name in ours.keys() | theirs.keys()
+                 if ours.get(name) != theirs.get(name) and not added_since_at_default(name))
+  if names:
     raise common.UsageError(
         f"--trained_from={source}: trained with other values of --{', --'.join(names)} (see "
         f"its flags.txt); only the evaluation flags and --methods may differ")

@@ -155,6 +155,21 @@ def test_trained_from_evaluates_another_runs_ensembles_under_another_harness(tin
     assert re.search(message, refused.stderr.strip().splitlines()[-1]), refused.stderr[-2000:]
     assert not (tmp_path / "ncen" / "refused").exists()
 
+  # A run from before a flag existed: the flag counts at its default.
+  old = tmp_path / "old_run"
+  shutil.copytree(source, old)
+  flags_txt = (old / "flags.txt").read_text()
+  assert "--noncen_smoothness\n" in flags_txt
+  (old / "flags.txt").write_text(flags_txt.replace("--noncen_smoothness\n", ""))
+  from_old = TINY + [f"--trained_from={old}", "--run_name=from_old"]
+  result = _run(from_old, tmp_path)
+  assert result.returncode == 0 and "train ncen" not in result.stdout, result.stderr[-3000:]
+  refused = _run(from_old + ["--run_name=from_old_smooth", "--ncen_smoothness",
+                             "--trs_plus_adv=false"], tmp_path)
+  assert refused.returncode != 0
+  last_line = refused.stderr.strip().splitlines()[-1]
+  assert "other values of --ncen_smoothness, --trs_plus_adv" in last_line
+
 
 def test_eight_devices_data_by_member_mesh_trains_as_one_device(eight_device_run, tiny_run):
   """8 fake devices, members over `member` (2), each minibatch over `data` (8 / 2 = 4)."""
