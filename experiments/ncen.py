@@ -641,22 +641,29 @@ def evaluate(config: Config, name, stacked, surrogate, test, eval_set, evaluator
                        choice, kind=kind) for xb, yb in batches(*eval_set, size)]
     return np.concatenate([np.asarray(a) for a in alive])
 
+  # One line per attack run: the PGD objectives, FGSM, MIM, black-box and transfer.
+  with_pgd = "pgd" in attack.attacks
+  runs_per_eps = (len(objectives) + 2) * with_pgd + sum(k in attack.attacks
+                                                        for k in ("fgsm", "mim"))
+  progress = common.Progress(f"evaluate {name}", len(attack.eps) * runs_per_eps, unit="attacks")
   per_eps = {}
   for eps in attack.eps:
     t0 = time.perf_counter()
     masks, entry = {}, {"pgd": {}}
     for index, objective in enumerate(objectives):
-      if "pgd" in attack.attacks:
+      if with_pgd:
         masks[f"pgd/{objective.label}"] = accuracy(stacked, eps, attack.pgd_steps,
                                                    attack.pgd_restarts, index, "pgd")
         entry["pgd"][objective.label] = float(masks[f"pgd/{objective.label}"].mean())
+        progress.advance(1, f"[eps {eps} PGD {objective.label}]")
     for kind in ("fgsm", "mim"):
       if kind in attack.attacks:
         masks[kind] = accuracy(stacked, eps, 1, 1, ensemble_ce, kind)
         entry[kind] = float(masks[kind].mean())
+        progress.advance(1, f"[eps {eps} {kind.upper()}]")
     white = np.logical_and.reduce(list(masks.values()))
     entry["white_box"] = float(white.mean())
-    if "pgd" in attack.attacks:
+    if with_pgd:
       entry["pgd_ensemble_ce"] = float(masks[f"pgd/{objectives[ensemble_ce].label}"].mean())
       entry["by_target"] = {
           target: float(np.logical_and.reduce([masks[f"pgd/{o.label}"] for o in objectives
@@ -664,9 +671,11 @@ def evaluate(config: Config, name, stacked, surrogate, test, eval_set, evaluator
           for target in {o.target_label for o in objectives}}
       entry["black_box"] = float(accuracy(surrogate, eps, attack.pgd_steps, attack.pgd_restarts,
                                           ensemble_ce, "pgd").mean())
+      progress.advance(1, f"[eps {eps} black-box]")
       entry["transfer"] = transfer_entry(
           [transfer_fn(stacked, xb, yb, jax.random.fold_in(key, i), eps)
            for i, (xb, yb) in enumerate(batches(*eval_set, size))], members)
+      progress.advance(1, f"[eps {eps} transfer]")
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     per_eps[str(eps)] = entry
     print(f"  {name} eps={eps}: white-box {entry['white_box']:.3f}"

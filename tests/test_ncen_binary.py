@@ -80,6 +80,9 @@ def test_tiny_run_then_refuse_then_resume(tiny_run):
   assert first.returncode == 0, first.stderr[-3000:]
   run = workdir / "ncen" / "tiny"
   results = json.loads((run / "results.json").read_text())
+  # Evaluation progress: one line per attack run (PGD on the one objective, FGSM,
+  # black-box, transfer).
+  assert "evaluate ncen: 4/4 attacks (100%)" in first.stdout
   assert results["config"]["mesh"] == {"data": 1, "member": 1}
   assert results["config"]["loss"]["member_map"] == "unroll"  # the default on one CPU device
   assert results["config"]["attack"]["objectives"] == [
