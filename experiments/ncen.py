@@ -46,9 +46,9 @@ PRNG streams, all from key = jax.random.key(--seed) by `fold_in`:
 Outputs in <workdir>/ncen/<run_name>/: flags.txt, metrics.jsonl, results.json (with the
 run's "config"), table.txt, plots/robust_accuracy_vs_eps.png, plots/transfer_matrices.png,
 checkpoints/<method>/ (orbax, for resume) and evals/<method>.json (finished evaluations,
-skipped on resume). --trained_from=<another run directory> restores the ensembles that run
-finished instead of training them (its training flags must be this run's), so a harness
-can be changed without training again.
+skipped on resume). --trained_from=<other run directories> restores the ensembles those
+runs finished instead of training them (their training flags must be this run's), so a
+harness can be changed without training again.
 """
 
 import dataclasses
@@ -158,11 +158,11 @@ flags.DEFINE_integer("data_devices", 0, "Devices on the mesh axis `data` (splits
                      "minibatch); 0: all devices / --member_devices.")
 flags.DEFINE_integer("seed", 0, "Seed of everything.")
 common.seed_validator("seed")
-flags.DEFINE_string("trained_from", "", "Evaluate the ensembles another ncen run trained: its "
-                    "run directory (<workdir>/ncen/<run_name>). Each phase with a checkpoint "
-                    "at --train_steps there (the surrogate, a method) is restored instead of "
-                    "trained; the others are trained here. Its flags must equal this run's "
-                    "but for the evaluation flags and --methods.")
+flags.DEFINE_list("trained_from", [], "Evaluate the ensembles other ncen runs trained: their "
+                  "run directories (<workdir>/ncen/<run_name>). Each phase (the surrogate, a "
+                  "method) is restored from the first of them with a checkpoint at "
+                  "--train_steps, instead of trained; the others are trained here. Their flags "
+                  "must equal this run's but for the evaluation flags and --methods.")
 # The flags that only shape the evaluation: a --trained_from run may differ in these (and
 # in where it lives), never in what trains the ensembles.
 EVALUATION_FLAGS = ("methods", "clean_eval_size", "n_eval", "eval_batch_size", "eps",
@@ -236,8 +236,8 @@ class TrainConfig:
     batch_size: images per step (a multiple of the mesh's data devices).
     train_steps: steps per ensemble (a multiple of chunk_steps).
     chunk_steps: steps per jitted chunk, the checkpoint interval.
-    trained_from: a run directory whose finished ensembles are restored, not trained
-      (`restore_trained`); "" trains every one.
+    trained_from: run directories whose finished ensembles are restored, not trained
+      (`restore_trained`); () trains every one.
   """
   methods: tuple[str, ...]
   num_members: int
@@ -250,7 +250,7 @@ class TrainConfig:
   schedule: str = "constant"
   schedule_boundaries: tuple[int, ...] = ()
   schedule_decay: float = 0.1
-  trained_from: str = ""
+  trained_from: tuple[str, ...] = ()
 
   def make_optimizer(self):
     """The optax optimiser; a schedule is of its own step count, the training step."""
@@ -419,7 +419,7 @@ def config_from_flags() -> Config:
                         schedule=FLAGS.schedule,
                         schedule_boundaries=boundaries,
                         schedule_decay=FLAGS.schedule_decay,
-                        trained_from=FLAGS.trained_from),
+                        trained_from=tuple(FLAGS.trained_from)),
       attack=AttackConfig(
           eps=tuple(common.float_list(FLAGS.eps)), large_eps=FLAGS.large_eps,
           large_eps_threshold=FLAGS.large_eps_threshold, attacks=tuple(FLAGS.attacks),
@@ -499,9 +499,8 @@ def train_ensemble(run_dir: common.RunDir, config: Config, phase: str, method: s
   # The whole state on the mesh, scalars (step, the optimiser's count) replicated: a
   # checkpoint restores each leaf onto its template's devices.
   state = sharding.shard_tree(train.init_state(stacked, optimizer), mesh, sharding.MEMBER_RULES)
-  if config.train.trained_from:
-    restored = restore_trained(run_dir, config.train.trained_from, phase, state,
-                               config.train.train_steps)
+  for source in config.train.trained_from:
+    restored = restore_trained(run_dir, source, phase, state, config.train.train_steps)
     if restored is not None:
       return restored.params
   loss_fn = ensemble.make_loss(apply_fn, config.loss_config(method), members)
@@ -836,8 +835,8 @@ def main(argv):
   common.maybe_initialize_distributed()
   config = config_from_flags()
   run_dir = common.RunDir("ncen", __name__).check()
-  if config.train.trained_from:
-    check_trained_from(config.train.trained_from, run_dir.flags_text)
+  for source in config.train.trained_from:
+    check_trained_from(source, run_dir.flags_text)
   train_set, test = load_data(config.data, config.seed)
   run_dir.open()
   print(f"run directory {run_dir.path}" + (" (resuming)" if run_dir.resumed else ""))

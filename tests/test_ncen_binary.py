@@ -158,15 +158,21 @@ def test_trained_from_evaluates_another_runs_ensembles_under_another_harness(tin
     assert re.search(message, refused.stderr.strip().splitlines()[-1]), refused.stderr[-2000:]
     assert not (tmp_path / "ncen" / "refused").exists()
 
-  # A run from before a flag existed: the flag counts at its default.
+  # Two sources, the first that has a phase wins; the second is a run from before a flag
+  # existed, where the flag counts at its default.
   old = tmp_path / "old_run"
   shutil.copytree(source, old)
   flags_txt = (old / "flags.txt").read_text()
   assert "--noncen_smoothness\n" in flags_txt
   (old / "flags.txt").write_text(flags_txt.replace("--noncen_smoothness\n", ""))
-  from_old = TINY + [f"--trained_from={old}", "--run_name=from_old"]
+  from_old = TINY + [f"--trained_from={run},{old}", "--run_name=from_old",
+                     "--methods=independent,ncen"]
   result = _run(from_old, tmp_path)
-  assert result.returncode == 0 and "train ncen" not in result.stdout, result.stderr[-3000:]
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"independent: restored from {run / 'checkpoints' / 'independent'}" in result.stdout
+  for phase in ("surrogate", "ncen"):
+    assert f"{phase}: restored from {old / 'checkpoints' / phase}" in result.stdout
+  assert "train " not in result.stdout
   refused = _run(from_old + ["--run_name=from_old_smooth", "--ncen_smoothness",
                              "--trs_plus_adv=false"], tmp_path)
   assert refused.returncode != 0
